@@ -1,0 +1,129 @@
+"""The BAGEL unified model: one decoder that reads text and ViT tokens and predicts flow velocities for latent
+tokens, in a single packed training forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from srum.model.attention import Backend
+from srum.model.config import BagelConfig
+from srum.model.embeddings import Connector, PositionTable, TimestepEmbedder
+from srum.model.flow import interpolate
+from srum.model.packing import PackedBatch
+from srum.model.qwen2 import ExpertRouting, Qwen2ForCausalLM
+from srum.model.siglip import SiglipVisionModel
+
+
+@dataclass
+class BagelOutput:
+    """What the training forward predicts, with the targets it was given.
+
+    ``logits`` (Nce, vocab) at ``batch.ce_indexes``; ``velocity`` and ``target_velocity`` (Nmse, latent_channels)
+    at the latent tokens with t > 0 (``mse_indexes`` into ``batch.latent_indexes``), target ``noise - x0``.
+    """
+
+    logits: Tensor
+    labels: Tensor
+    velocity: Tensor
+    target_velocity: Tensor
+    mse_indexes: Tensor
+
+    def ce(self) -> Tensor:
+        """Per-token cross-entropy, (Nce,)."""
+        return F.cross_entropy(self.logits.float(), self.labels, reduction="none")
+
+    def mse(self) -> Tensor:
+        """Per-element squared velocity error, (Nmse, latent_channels)."""
+        return (self.velocity.float() - self.target_velocity.float()) ** 2
+
+    def loss(self, ce_weight: float = 1.0, mse_weight: float = 1.0) -> Tensor:
+        """BAGEL's unified objective on one rank: mean CE over CE tokens + mean over tokens of the per-token
+        channel-mean squared error. A term with no tokens contributes 0."""
+        total = self.velocity.new_zeros((), dtype=torch.float32)
+        if self.labels.numel():
+            total = total + ce_weight * self.ce().mean()
+        if self.velocity.numel():
+            total = total + mse_weight * self.mse().mean()
+        return total
+
+
+class Bagel(nn.Module):
+    """Language model, vision encoder + connector (``visual_und``), latent adapters (``visual_gen``).
+
+    Parameter names equal the official checkpoint's (``reference/bagel-7b-mot-params.tsv``).
+    """
+
+    def __init__(self, config: BagelConfig) -> None:
+        super().__init__()
+        self.config = config
+        hidden = config.llm.hidden_size
+        self.language_model = Qwen2ForCausalLM(config.llm)
+        if config.visual_gen:
+            self.time_embedder = TimestepEmbedder(hidden)
+            self.vae2llm = nn.Linear(config.latent_channels, hidden)
+            self.llm2vae = nn.Linear(hidden, config.latent_channels)
+            self.latent_pos_embed = PositionTable(config.max_latent_size, hidden)
+            # A fresh model predicts zero velocity, as the official one does.
+            nn.init.zeros_(self.llm2vae.weight)
+            nn.init.zeros_(self.llm2vae.bias)
+        if config.visual_und:
+            self.vit_model = SiglipVisionModel(config.vit)
+            self.connector = Connector(config.vit.hidden_size, hidden)
+            self.vit_pos_embed = PositionTable(config.vit.num_patches_per_side, hidden)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.lm_head.weight.dtype
+
+    def embed_text(self, ids: Tensor) -> Tensor:
+        return self.language_model.model.embed_tokens(ids)
+
+    def embed_vit(self, patches: Tensor, position_ids: Tensor, seqlens: tuple[int, ...],
+                  backend: Backend = "sdpa") -> Tensor:
+        """ViT tokens as decoder inputs: ``connector(siglip(patches)) + vit_pos_embed[pos]``. Returns (Nv, hidden)."""
+        features = self.vit_model(patches.to(self.dtype), position_ids, seqlens, backend)
+        return self.connector(features) + self.vit_pos_embed(position_ids).to(self.dtype)
+
+    def embed_latents(self, x_t: Tensor, timesteps: Tensor, position_ids: Tensor) -> Tensor:
+        """Latent tokens as decoder inputs: ``vae2llm(x_t) + time_embedder(t) + latent_pos_embed[pos]``."""
+        return (self.vae2llm(x_t.to(self.dtype)) + self.time_embedder(timesteps)
+                + self.latent_pos_embed(position_ids).to(self.dtype))
+
+    def forward(self, batch: PackedBatch, noise: Tensor | None = None, generator: torch.Generator | None = None,
+                backend: Backend = "sdpa") -> BagelOutput:
+        """The packed training forward.
+
+        Args:
+            batch: the packed sequence (see ``srum.model.packing``).
+            noise: (Nl, latent_channels) flow noise for every latent token; drawn from ``generator`` if None.
+            backend: attention backend (``srum.model.attention``).
+        """
+        length = batch.sequence_length
+        embeds = torch.zeros(length, self.config.llm.hidden_size, dtype=self.dtype, device=batch.position_ids.device)
+        embeds[batch.text_indexes] = self.embed_text(batch.text_ids)
+        if batch.vit_indexes.numel():
+            embeds[batch.vit_indexes] = self.embed_vit(batch.vit_patches, batch.vit_position_ids,
+                                                       batch.vit_seqlens, backend)
+        x0, t = batch.latent_tokens, batch.latent_timesteps
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        if batch.latent_indexes.numel():
+            x_t = interpolate(x0, noise, t)
+            embeds[batch.latent_indexes] = self.embed_latents(x_t, t, batch.latent_position_ids)
+
+        routing = ExpertRouting.from_gen_indexes(batch.latent_indexes, length)
+        hidden = self.language_model.model(embeds, batch.position_ids, routing, batch.layout, backend)
+
+        logits = self.language_model.lm_head(hidden[batch.ce_indexes])
+        mse_indexes = (t > 0).nonzero().squeeze(1)
+        if self.config.visual_gen:
+            velocity = self.llm2vae(hidden[batch.latent_indexes[mse_indexes]])
+        else:
+            velocity = hidden.new_zeros(0, self.config.latent_channels)
+        target = (noise - x0)[mse_indexes]
+        return BagelOutput(logits=logits, labels=batch.ce_labels, velocity=velocity, target_velocity=target,
+                           mse_indexes=mse_indexes)

@@ -1,0 +1,54 @@
+"""Access to the tiny checkpoint recorded from the official BAGEL code (``reference/fixtures/bagel-tiny-public``).
+
+Every size is read from the fixture's own files; nothing about it is hard-coded here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from srum.model.checkpoint import read_config
+from srum.model.config import AEConfig, BagelConfig
+
+AE_PARAMS_NOT_FIELDS = ("resolution", "downsample")  # no effect on the computation (see the fixture's cases.md)
+
+
+class OfficialFixture:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.meta = json.loads((folder / "cases_meta.json").read_text())
+        self.fixture_config = json.loads((folder / "fixture_config.json").read_text())
+
+    @cached_property
+    def cases(self) -> dict[str, Tensor]:
+        return load_file(self.folder / "cases.safetensors")
+
+    @cached_property
+    def config(self) -> BagelConfig:
+        """The folder's own config files plus the BAGEL-level values the official loader wrote in code."""
+        bagel = self.fixture_config["bagel_config"]
+        ae = {k: v for k, v in self.fixture_config["ae_params"].items() if k not in AE_PARAMS_NOT_FIELDS}
+        assert ae.pop("out_ch") == ae["in_channels"]  # srum's autoencoder decodes to its input channels
+        config = dataclasses.replace(read_config(self.folder), ae=AEConfig(kind="flux", **ae),
+                                     latent_patch_size=bagel["latent_patch_size"],
+                                     max_latent_size=bagel["max_latent_size"],
+                                     timestep_shift=bagel["timestep_shift"])
+        assert config.vit_max_num_patch_per_side == bagel["vit_max_num_patch_per_side"]
+        return config
+
+    @property
+    def special_token_ids(self) -> dict[str, int]:
+        return self.fixture_config["new_token_ids"]
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """The fixture's metric: ``max|actual - expected| / max|expected|``."""
+    expected = expected.double()
+    return float((actual.double() - expected).abs().max() / expected.abs().max())
