@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -92,7 +93,7 @@ def naive_attention(q, k, v, allowed, scale):
 def reference_varlen_kernel(q, k, v, group, causal, scale):
     """Plain varlen attention: one SDPA per segment, causal segments aligned bottom-right."""
     outs = []
-    for qs, ks, vs in zip(q.split(group.q_seqlens), k.split(group.kv_seqlens), v.split(group.kv_seqlens)):
+    for qs, ks, vs in zip(q.split(group.q_seqlens), k.split(group.kv_seqlens), v.split(group.kv_seqlens), strict=True):
         lq, lk = len(qs), len(ks)
         mask = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + lk - lq if causal else None
         qs, ks, vs = (x.transpose(0, 1) for x in (qs, ks, vs))  # (H, Ls, D)
@@ -117,17 +118,22 @@ def test_allowed_mask_follows_rule_table(layout):
     expected = rule_table(layout)
     assert torch.equal(allowed_mask(layout), expected)
     # The dense masks are the diagonal blocks of the same table.
-    for (start, end), mask in zip(layout.sample_bounds, dense_masks(layout, torch.float64)):
+    for (start, end), mask in zip(layout.sample_bounds, dense_masks(layout, torch.float64), strict=True):
         assert torch.equal(mask == 0, expected[start:end, start:end])
         assert torch.equal(mask != 0, mask == -math.inf)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS[:3])
 def test_sdpa_matches_naive_attention_with_gqa_and_scale(layout):
-    q, k, v = random_qkv(layout, hq=6, hkv=2)
+    q, k, v = (x.requires_grad_() for x in random_qkv(layout, hq=6, hkv=2))
+    grad_out = torch.randn_like(q)
     scale = 0.3
-    expected = naive_attention(q, k, v, rule_table(layout), scale)
-    torch.testing.assert_close(packed_attention(q, k, v, layout, scale=scale), expected, atol=1e-12, rtol=1e-12)
+    results = []
+    for out in (packed_attention(q, k, v, layout, scale=scale), naive_attention(q, k, v, rule_table(layout), scale)):
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    # float64: both are the same sums in a different order.
+    for got, expected, name in zip(*results, ("out", "dq", "dk", "dv"), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
@@ -154,7 +160,7 @@ def test_packed_equals_each_sample_alone(backend):
     layout = TRICKY
     q, k, v = random_qkv(layout)
     packed = packed_attention(q, k, v, layout, backend)
-    for splits, (start, end) in zip(layout.sample_split_ranges, layout.sample_bounds):
+    for splits, (start, end) in zip(layout.sample_split_ranges, layout.sample_bounds, strict=True):
         alone = PackedLayout(
             (end - start,),
             tuple(layout.split_lens[i] for i in splits),
@@ -194,7 +200,7 @@ def test_flex_block_mask_covers_allowed_blocks():
 def test_varlen_plan_reference_matches_sdpa(layout):
     q, k, v = random_qkv(layout, hq=4, hkv=2)
     plan = varlen_plan(layout)
-    assert all(lk >= lq for lq, lk in zip(plan.causal.q_seqlens, plan.causal.kv_seqlens))
+    assert all(lk >= lq for lq, lk in zip(plan.causal.q_seqlens, plan.causal.kv_seqlens, strict=True))
     assert sorted(plan.causal.q_index.tolist() + plan.full.q_index.tolist()) == list(range(layout.total_len))
     got = varlen_attention(q, k, v, plan, reference_varlen_kernel, scale=0.2)
     expected = packed_attention(q, k, v, layout, "sdpa", scale=0.2)
@@ -203,7 +209,7 @@ def test_varlen_plan_reference_matches_sdpa(layout):
 
 def test_xformers_on_cpu_raises_clear_error():
     q, k, v = random_qkv(TRICKY, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="^" + XFORMERS_ERROR.replace("(", r"\(") + "$"):
+    with pytest.raises(RuntimeError, match=f"^{re.escape(XFORMERS_ERROR)}$"):
         packed_attention(q, k, v, TRICKY, "xformers")
 
 
@@ -227,9 +233,13 @@ def test_bad_shapes_and_backend_raise():
     q, k, v = random_qkv(TRICKY, hq=4, hkv=2)
     with pytest.raises(ValueError, match="L = 21"):
         packed_attention(q[:-1], k[:-1], v[:-1], TRICKY)
+    with pytest.raises(ValueError, match=r"expected q \(L, Hq, D\)"):
+        packed_attention(q[None], k, v, TRICKY)
+    with pytest.raises(ValueError, match=r"expected q \(L, Hq, D\)"):
+        packed_attention(q, k[..., :4], v[..., :4], TRICKY)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         packed_attention(q[:, :3], k, v, TRICKY)
-    with pytest.raises(ValueError, match="^backend: expected"):
+    with pytest.raises(ValueError, match=r"^backend: expected"):
         packed_attention(q, k, v, TRICKY, "flash")  # type: ignore[arg-type]
 
 
@@ -260,5 +270,5 @@ def test_gpu_backend_matches_sdpa(backend, dtype, tol):
     for name in ("sdpa", backend):
         out = packed_attention(q, k, v, layout, name)
         results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
-    for got, expected, name in zip(results[1], results[0], ("out", "dq", "dk", "dv")):
+    for got, expected, name in zip(results[1], results[0], ("out", "dq", "dk", "dv"), strict=True):
         torch.testing.assert_close(got, expected, atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")

@@ -197,9 +197,10 @@ def _flex_block_mask(layout: PackedLayout, device: torch.device, block_size: int
 
 
 @functools.cache
-def _compiled_flex_attention():
+def _compiled_flex_attention() -> Callable[..., Tensor]:
     # flex_attention only becomes a fused kernel under torch.compile; eager computes the full score matrix.
-    return torch.compile(flex_attention, dynamic=False)
+    # Default dynamic shapes: a second packed length recompiles once with L symbolic instead of once per length.
+    return torch.compile(flex_attention)
 
 
 class VarlenGroup(NamedTuple):
@@ -228,7 +229,7 @@ class VarlenPlan(NamedTuple):
     inverse: Tensor  # (L,) int64: cat(out_causal, out_full)[inverse] is in packed order
 
 
-VarlenKernel = Callable[[Tensor, Tensor, Tensor, VarlenGroup, bool, "float | None"], Tensor]
+VarlenKernel = Callable[[Tensor, Tensor, Tensor, VarlenGroup, bool, float | None], Tensor]
 
 
 def varlen_plan(layout: PackedLayout, device: torch.device | str | None = None) -> VarlenPlan:
@@ -276,12 +277,14 @@ def packed_attention(
     Returns:
         (L, Hq, D) in q's dtype.
     """
-    (n, hq, d), hkv = q.shape, k.shape[1]
-    if n != layout.total_len or k.shape != (n, hkv, d) or v.shape != k.shape:
+    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or v.shape != k.shape:
         raise ValueError(
-            f"expected q (L, Hq, D) and k, v (L, Hkv, D) with L = {layout.total_len}, "
+            f"expected q (L, Hq, D) and k, v (L, Hkv, D), "
             f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
+    n, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
+    if n != layout.total_len:
+        raise ValueError(f"expected L = {layout.total_len} tokens (the layout's total length), got {n}")
     if hq % hkv:
         raise ValueError(f"expected query heads ({hq}) to be a multiple of key/value heads ({hkv})")
     if backend == "sdpa":
@@ -305,7 +308,7 @@ def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, scale
     k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)  # (L, Hq, D)
     masks = _cached_dense_masks(layout, q.dtype, q.device)
     outs = []
-    for (start, end), mask in zip(layout.sample_bounds, masks):
+    for (start, end), mask in zip(layout.sample_bounds, masks, strict=True):
         qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # (Hq, Ls, D)
         out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)  # (Hq, Ls, D)
         outs.append(out.transpose(0, 1))  # (Ls, Hq, D)

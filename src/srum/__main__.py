@@ -1,0 +1,3 @@
+from srum.cli import main
+
+main()
