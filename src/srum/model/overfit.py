@@ -30,5 +30,5 @@ def overfit(model: Bagel, batch: PackedBatch, steps: int, lr: float, seed: int =
         optimizer.step()
         losses.append(float(loss.detach()))
         if on_step is not None:
-            on_step(step, float(out.ce().mean()), float(out.mse().mean()))
+            on_step(step, float(out.ce().detach().mean()), float(out.mse().detach().mean()))
     return losses
