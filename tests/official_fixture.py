@@ -10,7 +10,6 @@ import json
 from functools import cached_property
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 from torch import Tensor
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from srum.model.autoencoder import build_autoencoder
 from srum.model.bagel import Bagel
-from srum.model.build import build_on_meta, reset_buffers
+from srum.model.build import reset_buffers
 from srum.model.config import AEConfig, BagelConfig, LLMConfig, ViTConfig, read_json
 
 LLM_CONFIG, VIT_CONFIG, SRUM_CONFIG = "llm_config.json", "vit_config.json", "srum_config.json"
