@@ -173,3 +173,17 @@ def test_fresh_model_predicts_zero_velocity(config):
     model = init_weights(Bagel(config), seed=0)
     batch = pack(SampleFactory(config, seed=17).mixed(3), config, special_tokens_for(config))
     assert torch.count_nonzero(model(batch).velocity) == 0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # eager flex attention on the CPU warns that it is slow
+def test_flex_backend_gives_the_sdpa_forward(config):
+    model = build_random(config, seed=2).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.llm2vae.weight, std=0.1)
+    batch = pack(SampleFactory(config, seed=19).mixed(3), config, special_tokens_for(config))
+    noise = torch.randn(batch.latent_tokens.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference, flex = model(batch, noise=noise), model(batch, noise=noise, backend="flex")
+    # float32 with a different softmax summation order: agreement at float32 rounding of O(1) activations.
+    torch.testing.assert_close(flex.logits, reference.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flex.velocity, reference.velocity, rtol=1e-5, atol=1e-5)

@@ -10,10 +10,12 @@ Tolerances. Everything runs in float64, but a few steps are float32 by design, i
 Hugging Face: RoPE angles (``position_ids.float() * inv_freq.float()``) and the RMSNorm normalisation (§4: "computed
 in fp32, cast back"). Two implementations that round at the same places agree to float64 noise (~1e-15). The only
 float32 step the two sides do *not* share is Hugging Face's eager softmax (``softmax(..., dtype=float32)``), whose
-probabilities carry a relative error of 2**-24 ~ 6e-8; on the O(1)-or-smaller activations of these tiny models
-that leaves differences around 1e-8, hence ``EAGER_TOL = 1e-6``. Where no float32 softmax is involved (HF sdpa,
-the hand-written reference, srum against srum) ``TIGHT_TOL = 1e-10`` applies. Each comparison is paired with a
-perturbed weight that must break it, so no tolerance is loose enough to pass anything.
+probabilities carry a relative error of 2**-24 ~ 6e-8. Through two layers of random weights (std 0.2, logits up
+to ~7) that grows to ~1.5e-6 on the logits, hence ``FP32_STEP_TOL = 1e-5`` for HF eager. The hand-written §4
+reference rounds to float32 at the same steps as srum, but with ``x / sqrt`` where srum (like HF) uses ``x * rsqrt``:
+one float32 ulp on the normalised q/k, ~3e-7 on the output, same tolerance. Where no float32 step differs (HF sdpa,
+srum against srum) the results agree to ~1e-15 and ``TIGHT_TOL = 1e-10`` applies. Each comparison is paired with
+a perturbed weight (or layout) that must break it, so no tolerance is loose enough to pass anything.
 """
 
 from __future__ import annotations
@@ -33,11 +35,21 @@ from srum.model.siglip import SiglipVisionModel, conv_patch_weight_to_linear
 
 transformers = pytest.importorskip("transformers")
 
-EAGER_TOL = 1e-6
+FP32_STEP_TOL = 1e-5
 TIGHT_TOL = 1e-10
 
 LLM_SIZES = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These matrices are tiny: on a busy machine, intra-op threads only wait on each other (float64 linears went
+    from ~20 us to ~20 ms with 2 threads under load), so each test runs single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def assert_close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
@@ -89,7 +101,7 @@ def _srum_logits(model: Qwen2ForCausalLM, ids: Tensor, position_ids: Tensor, lay
     return model.lm_head(hidden)
 
 
-@pytest.mark.parametrize("attn_implementation,tol", [("eager", EAGER_TOL), ("sdpa", TIGHT_TOL)])
+@pytest.mark.parametrize("attn_implementation,tol", [("eager", FP32_STEP_TOL), ("sdpa", TIGHT_TOL)])
 @torch.no_grad()
 def test_dense_decoder_matches_hf_qwen2(attn_implementation: str, tol: float) -> None:
     srum, hf = _qwen2_pair(attn_implementation)
@@ -103,11 +115,11 @@ def test_dense_decoder_matches_hf_qwen2(attn_implementation: str, tol: float) ->
     assert expected.abs().max() > 0.1  # logits of a real size, so the tolerance is not vacuous
     assert_close(actual, expected, tol, f"logits vs HF Qwen2 ({attn_implementation})")
 
-    srum.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
+    srum.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-2
     assert_differs(_srum_logits(srum, ids, torch.arange(length), layout), expected, tol, "decoder vs HF")
 
 
-@pytest.mark.parametrize("attn_implementation,tol", [("eager", EAGER_TOL), ("sdpa", TIGHT_TOL)])
+@pytest.mark.parametrize("attn_implementation,tol", [("eager", FP32_STEP_TOL), ("sdpa", TIGHT_TOL)])
 @torch.no_grad()
 def test_packed_text_samples_match_hf_run_separately(attn_implementation: str, tol: float) -> None:
     srum, hf = _qwen2_pair(attn_implementation)
@@ -120,10 +132,12 @@ def test_packed_text_samples_match_hf_run_separately(attn_implementation: str, t
     expected = torch.cat([hf(input_ids=first[None]).logits[0], hf(input_ids=second[None]).logits[0]])
     assert_close(_srum_logits(srum, ids, position_ids, layout), expected, tol, "packed logits vs HF")
 
-    # One causal sequence over both (no sample boundary) or continuing position ids must not pass.
+    # One causal sequence over both (no sample boundary) must not pass. (Continuing position ids would: RoPE is
+    # relative, so a uniform shift of a sample's positions changes nothing beyond float32 angle rounding.)
     merged = PackedLayout((20,), (20,), ("causal",))
     assert_differs(_srum_logits(srum, ids, position_ids, merged), expected, tol, "sample boundary")
-    assert_differs(_srum_logits(srum, ids, torch.arange(20), layout), expected, tol, "per-sample positions")
+    stretched = torch.cat([torch.arange(13), 2 * torch.arange(7)])
+    assert_differs(_srum_logits(srum, ids, stretched, layout), expected, tol, "position ids")
 
 
 # --- 2. MoT with copied experts == dense ---------------------------------------------------------------------
@@ -140,9 +154,8 @@ MIXED = PackedLayout(
 @torch.no_grad()
 def test_mot_with_copied_experts_equals_dense() -> None:
     torch.set_default_dtype(torch.float64)
-    sizes = {**LLM_SIZES, "num_hidden_layers": 2}
-    dense = Qwen2ForCausalLM(LLMConfig(**sizes, qk_norm=True, layer_module="Qwen2DecoderLayer")).eval()
-    mot = Qwen2ForCausalLM(LLMConfig(**sizes, qk_norm=True, layer_module="Qwen2MoTDecoderLayer")).eval()
+    dense = Qwen2ForCausalLM(LLMConfig(**LLM_SIZES, qk_norm=True, layer_module="Qwen2DecoderLayer")).eval()
+    mot = Qwen2ForCausalLM(LLMConfig(**LLM_SIZES, qk_norm=True, layer_module="Qwen2MoTDecoderLayer")).eval()
     randomize_(dense, torch.Generator().manual_seed(4))
     dense_state = dense.state_dict()
     mot_state = mot.state_dict()
@@ -155,7 +168,7 @@ def test_mot_with_copied_experts_equals_dense() -> None:
 
     generator = torch.Generator().manual_seed(5)
     length = MIXED.total_len
-    embeds = torch.randn(length, sizes["hidden_size"], generator=generator)
+    embeds = torch.randn(length, LLM_SIZES["hidden_size"], generator=generator)
     position_ids = torch.cat([torch.tensor([0, 1, 2, 3, 4, 4, 4, 4, 4, 5, 5, 5, 5, 6, 7]),
                               torch.tensor([0, 1, 2, 2, 2, 2, 3, 3, 3])])
     expected = dense.model(embeds, position_ids, ExpertRouting(None, None), MIXED)
@@ -246,13 +259,13 @@ def test_qk_norm_attention_matches_handwritten_reference() -> None:
     actual = layer.self_attn(x, cos, sin, ExpertRouting(None, None), layout)
     args = (config.num_attention_heads, config.num_key_value_heads, config.rope_theta, config.rms_norm_eps)
     expected = reference_attention(x, position_ids, weights, *args)
-    assert_close(actual, expected, TIGHT_TOL, "qk-norm attention vs §4 reference")
+    assert_close(actual, expected, FP32_STEP_TOL, "qk-norm attention vs §4 reference")
 
     # The reference sees each ingredient: perturbing the k-norm weight, or shifting positions non-uniformly,
     # must break agreement.
     changed = {**weights, "k_norm.weight": weights["k_norm.weight"] * 1.01}
-    assert_differs(actual, reference_attention(x, position_ids, changed, *args), TIGHT_TOL, "k_norm weight")
-    assert_differs(actual, reference_attention(x, torch.arange(length), weights, *args), TIGHT_TOL, "positions")
+    assert_differs(actual, reference_attention(x, position_ids, changed, *args), FP32_STEP_TOL, "k_norm weight")
+    assert_differs(actual, reference_attention(x, torch.arange(length), weights, *args), FP32_STEP_TOL, "positions")
 
 
 # --- 4. vision encoder vs transformers.SiglipVisionModel -----------------------------------------------------
@@ -300,15 +313,15 @@ def test_vision_encoder_matches_hf_siglip() -> None:
     expected = hf(pixel_values=image[None]).last_hidden_state[0]  # (16, 32), post_layernorm applied
     actual = _srum_vit(srum, [image], config)
     assert expected.dtype == actual.dtype == torch.float64
-    assert_close(actual, expected, EAGER_TOL, "SigLIP vs HF")
-    assert_differs(_srum_vit(srum, [image.transpose(1, 2)], config), expected, EAGER_TOL, "patch order")
+    assert_close(actual, expected, FP32_STEP_TOL, "SigLIP vs HF")
+    assert_differs(_srum_vit(srum, [image.transpose(1, 2)], config), expected, FP32_STEP_TOL, "patch order")
 
     second = torch.rand(3, 56, 56, generator=generator) * 2 - 1
     expected_both = torch.cat([expected, hf(pixel_values=second[None]).last_hidden_state[0]])
-    assert_close(_srum_vit(srum, [image, second], config), expected_both, EAGER_TOL, "two packed images vs HF")
+    assert_close(_srum_vit(srum, [image, second], config), expected_both, FP32_STEP_TOL, "two packed images vs HF")
 
-    srum.vision_model.encoder.layers[-1].mlp.fc2.bias[0] += 1e-3
-    assert_differs(_srum_vit(srum, [image], config), expected, EAGER_TOL, "SigLIP vs HF")
+    srum.vision_model.encoder.layers[-1].mlp.fc2.bias[0] += 1e-2
+    assert_differs(_srum_vit(srum, [image], config), expected, FP32_STEP_TOL, "SigLIP vs HF")
 
 
 @torch.no_grad()
