@@ -1,9 +1,8 @@
-"""Shared setup for the pytest-benchmark suite (``pytest benchmarks_perf``; never collected by ``pytest tests``)."""
+"""Shared setup for the pytest-benchmark suite (timed with ``pytest benchmarks_perf --benchmark-enable``)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -11,11 +10,3 @@ def pytest_configure(config: pytest.Config) -> None:
     # registering it here too keeps `--strict-markers` runs working whatever plugins are loaded.
     config.addinivalue_line("markers", "benchmark: a pytest-benchmark timing (lives in benchmarks_perf/)")
 
-
-@pytest.fixture(autouse=True)
-def _restore_dtype_and_seed():
-    """Each benchmark starts seeded and may change the default dtype without leaking it into the next one."""
-    dtype = torch.get_default_dtype()
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(dtype)

@@ -20,7 +20,9 @@ comes after every real token, so real position ids are unchanged. ``test_padding
 checks this (outputs, loss and every parameter gradient). The ViT encoder is untouched by padding (its patches are
 not decoder padding), as it would be in a padded batch.
 
-Run: ``PYTHONPATH=src python -m pytest benchmarks_perf/test_packed_forward.py --benchmark-columns=min,mean,median,rounds``
+Run (see benchmarks_perf/README.md)::
+
+    PYTHONPATH=src python -m pytest benchmarks_perf/test_packed_forward.py --benchmark-columns=min,mean,median,rounds
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ SAMPLE_SEED = 0
 MAX_GRID = 8
 PAD_ID = 0
 """Any ordinary id: a padding token's cost does not depend on its id."""
-# Fixed rounds keep the whole file well under a minute on 2 CPU cores (a warm tiny step takes ~20-30 ms there);
+# Fixed rounds keep the whole file well under a minute on 2 CPU cores (a warm tiny step takes ~15-20 ms there);
 # warm-up rounds absorb the first calls, which also build and cache each layout's attention masks.
-ROUNDS = 100
+ROUNDS = 50
 WARMUP_ROUNDS = 5
 
 
@@ -158,5 +160,6 @@ def test_forward_backward(benchmark, setup: Setup, layout: str) -> None:
         torch_version=torch.__version__,
         torch_threads=torch.get_num_threads(),
     )
-    benchmark.pedantic(_train_step, args=(setup.model, batch, setup.noise), rounds=ROUNDS,
-                       warmup_rounds=WARMUP_ROUNDS, iterations=1)
+    benchmark.pedantic(
+        _train_step, args=(setup.model, batch, setup.noise), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1
+    )
