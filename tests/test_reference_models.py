@@ -21,16 +21,17 @@ a perturbed weight (or layout) that must break it, so no tolerance is loose enou
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from srum.model.attention import PackedLayout
+from srum.model.attention import PackedLayout, packed_attention
 from srum.model.config import LLMConfig, ViTConfig
 from srum.model.patches import grid_position_ids, patchify
-from srum.model.qwen2 import ExpertRouting, Qwen2ForCausalLM
+from srum.model.qwen2 import ExpertRouting, Qwen2ForCausalLM, packed_attention_fn
 from srum.model.siglip import SiglipVisionModel, conv_patch_weight_to_linear
 
 transformers = pytest.importorskip("transformers")
@@ -97,7 +98,8 @@ def _qwen2_pair(attn_implementation: str) -> tuple[Qwen2ForCausalLM, torch.nn.Mo
 
 def _srum_logits(model: Qwen2ForCausalLM, ids: Tensor, position_ids: Tensor, layout: PackedLayout) -> Tensor:
     embeds = model.model.embed_tokens(ids)
-    hidden = model.model(embeds, position_ids=position_ids, routing=ExpertRouting(None, None), layout=layout)
+    hidden = model.model(embeds, position_ids=position_ids, routing=ExpertRouting(None, None),
+                         attend=packed_attention_fn(layout))
     return model.lm_head(hidden)
 
 
@@ -171,7 +173,7 @@ def test_mot_with_copied_experts_equals_dense() -> None:
     embeds = torch.randn(length, LLM_SIZES["hidden_size"], generator=generator)
     position_ids = torch.cat([torch.tensor([0, 1, 2, 3, 4, 4, 4, 4, 4, 5, 5, 5, 5, 6, 7]),
                               torch.tensor([0, 1, 2, 2, 2, 2, 3, 3, 3])])
-    expected = dense.model(embeds, position_ids, ExpertRouting(None, None), MIXED)
+    expected = dense.model(embeds, position_ids, ExpertRouting(None, None), packed_attention_fn(MIXED))
     routings = {
         "none": torch.empty(0, dtype=torch.long),
         "all": torch.arange(length),
@@ -180,14 +182,15 @@ def test_mot_with_copied_experts_equals_dense() -> None:
     }
     for label, gen in routings.items():
         routing = ExpertRouting.from_gen_indexes(gen, length)
-        actual = mot.model(embeds, position_ids, routing, MIXED)
+        actual = mot.model(embeds, position_ids, routing, packed_attention_fn(MIXED))
         assert_close(actual, expected, TIGHT_TOL, f"MoT with copied experts, routing {label}")
 
     # A differing generation expert must show up exactly where there are generation tokens.
     mot.model.layers[0].self_attn.k_norm_moe_gen.weight[0] += 1e-2
     routing = ExpertRouting.from_gen_indexes(routings["image splits"], length)
-    assert_differs(mot.model(embeds, position_ids, routing, MIXED), expected, TIGHT_TOL, "MoT gen expert")
-    unrouted = mot.model(embeds, position_ids, ExpertRouting.from_gen_indexes(routings["none"], length), MIXED)
+    attend = packed_attention_fn(MIXED)
+    assert_differs(mot.model(embeds, position_ids, routing, attend), expected, TIGHT_TOL, "MoT gen expert")
+    unrouted = mot.model(embeds, position_ids, ExpertRouting.from_gen_indexes(routings["none"], length), attend)
     assert_close(unrouted, expected, TIGHT_TOL, "MoT without generation tokens")
 
 
@@ -256,7 +259,8 @@ def test_qk_norm_attention_matches_handwritten_reference() -> None:
     x = torch.randn(length, config.hidden_size, generator=generator)
     layout = PackedLayout((length,), (length,), ("causal",))
     cos, sin = model.model.rotary_emb(position_ids, x.dtype)
-    actual = layer.self_attn(x, cos, sin, ExpertRouting(None, None), layout)
+    actual = layer.self_attn(x, cos, sin, ExpertRouting(None, None),
+                                partial(packed_attention, layout=layout))
     args = (config.num_attention_heads, config.num_key_value_heads, config.rope_theta, config.rms_norm_eps)
     expected = reference_attention(x, position_ids, weights, *args)
     assert_close(actual, expected, FP32_STEP_TOL, "qk-norm attention vs §4 reference")

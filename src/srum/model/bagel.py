@@ -14,7 +14,7 @@ from srum.model.config import BagelConfig
 from srum.model.embeddings import Connector, PositionTable, TimestepEmbedder
 from srum.model.flow import interpolate
 from srum.model.packing import PackedBatch
-from srum.model.qwen2 import ExpertRouting, Qwen2ForCausalLM
+from srum.model.qwen2 import Attend, ExpertRouting, Qwen2ForCausalLM, packed_attention_fn
 from srum.model.siglip import SiglipVisionModel
 
 
@@ -93,6 +93,27 @@ class Bagel(nn.Module):
         return (self.vae2llm(x_t.to(self.dtype)) + self.time_embedder(timesteps)
                 + self.latent_pos_embed(position_ids).to(self.dtype))
 
+    def embed(self, batch: PackedBatch, latent_inputs: Tensor, backend: Backend = "sdpa") -> Tensor:
+        """Decoder inputs of a packed batch, (L, hidden). ``latent_inputs`` (Nl, latent_channels) are the latent
+        tokens as the model sees them (x_t), embedded with ``batch.latent_timesteps``."""
+        embeds = torch.zeros(batch.sequence_length, self.config.llm.hidden_size, dtype=self.dtype,
+                             device=batch.position_ids.device)
+        embeds[batch.text_indexes] = self.embed_text(batch.text_ids)
+        if batch.vit_indexes.numel():
+            embeds[batch.vit_indexes] = self.embed_vit(batch.vit_patches, batch.vit_position_ids,
+                                                       batch.vit_seqlens, backend)
+        if batch.latent_indexes.numel():
+            embeds[batch.latent_indexes] = self.embed_latents(latent_inputs, batch.latent_timesteps,
+                                                              batch.latent_position_ids)
+        return embeds
+
+    def hidden_states(self, batch: PackedBatch, embeds: Tensor, attend: Attend,
+                      position_ids: Tensor | None = None) -> Tensor:
+        """The decoder over a packed batch, experts routed by token type. Returns final-normed (L, hidden)."""
+        routing = ExpertRouting.from_gen_indexes(batch.latent_indexes, batch.sequence_length)
+        positions = batch.position_ids if position_ids is None else position_ids
+        return self.language_model.model(embeds, positions, routing, attend)
+
     def forward(self, batch: PackedBatch, noise: Tensor | None = None, generator: torch.Generator | None = None,
                 backend: Backend = "sdpa") -> BagelOutput:
         """The packed training forward.
@@ -102,28 +123,21 @@ class Bagel(nn.Module):
             noise: (Nl, latent_channels) flow noise for every latent token; drawn from ``generator`` if None.
             backend: attention backend (``srum.model.attention``).
         """
-        length = batch.sequence_length
-        embeds = torch.zeros(length, self.config.llm.hidden_size, dtype=self.dtype, device=batch.position_ids.device)
-        embeds[batch.text_indexes] = self.embed_text(batch.text_ids)
-        if batch.vit_indexes.numel():
-            embeds[batch.vit_indexes] = self.embed_vit(batch.vit_patches, batch.vit_position_ids,
-                                                       batch.vit_seqlens, backend)
         x0, t = batch.latent_tokens, batch.latent_timesteps
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-        if batch.latent_indexes.numel():
-            x_t = interpolate(x0, noise, t)
-            embeds[batch.latent_indexes] = self.embed_latents(x_t, t, batch.latent_position_ids)
-
-        routing = ExpertRouting.from_gen_indexes(batch.latent_indexes, length)
-        hidden = self.language_model.model(embeds, batch.position_ids, routing, batch.layout, backend)
+        embeds = self.embed(batch, interpolate(x0, noise, t), backend)
+        hidden = self.hidden_states(batch, embeds, packed_attention_fn(batch.layout, backend))
 
         logits = self.language_model.lm_head(hidden[batch.ce_indexes])
         mse_indexes = (t > 0).nonzero().squeeze(1)
-        if self.config.visual_gen:
-            velocity = self.llm2vae(hidden[batch.latent_indexes[mse_indexes]])
-        else:
-            velocity = hidden.new_zeros(0, self.config.latent_channels)
         target = (noise - x0)[mse_indexes]
+        velocity = self.predict_velocity(hidden[batch.latent_indexes[mse_indexes]])
         return BagelOutput(logits=logits, labels=batch.ce_labels, velocity=velocity, target_velocity=target,
                            mse_indexes=mse_indexes)
+
+    def predict_velocity(self, hidden: Tensor) -> Tensor:
+        """Velocity of latent tokens from their final-normed hidden states, (N, latent_channels)."""
+        if not self.config.visual_gen:
+            return hidden.new_zeros(0, self.config.latent_channels)
+        return self.llm2vae(hidden)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,17 @@ from torch import Tensor, nn
 from srum.model.attention import Backend, PackedLayout, packed_attention
 from srum.model.config import LLMConfig
 from srum.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+
+Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+"""``attend(layer_index, q, k, v) -> out``: the attention of one decoder layer over packed tokens, q (L, Hq, D),
+k and v (L, Hkv, D) after q/k norm and RoPE. Training attends within the packed sequence
+(``packed_attention_fn``); inference attends to a KV cache as well (``srum.generation``)."""
+
+
+def packed_attention_fn(layout: PackedLayout, backend: Backend = "sdpa") -> Attend:
+    """The training ``Attend``: BAGEL's masks over one packed sequence, the same for every layer."""
+    return lambda _layer, q, k, v: packed_attention(q, k, v, layout, backend=backend)
+
 
 
 @dataclass(frozen=True)
@@ -98,10 +110,10 @@ class PackedAttentionMoT(nn.Module):
         attn = attn.reshape(attn.shape[0], self.num_heads * self.head_dim)  # (L, hidden)
         return routing.apply(attn, self.o_proj, self._gen("o_proj"), detach_und)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, routing: ExpertRouting, layout: PackedLayout,
-                backend: Backend = "sdpa", detach_und: bool = False) -> Tensor:
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, routing: ExpertRouting,
+                attend: Callable[[Tensor, Tensor, Tensor], Tensor], detach_und: bool = False) -> Tensor:
         q, k, v = self.project(h, cos, sin, routing, detach_und)
-        return self.output(packed_attention(q, k, v, layout, backend=backend), routing, detach_und)
+        return self.output(attend(q, k, v), routing, detach_und)
 
 
 class DecoderLayer(nn.Module):
@@ -121,12 +133,12 @@ class DecoderLayer(nn.Module):
     def _gen(self, name: str) -> nn.Module | None:
         return getattr(self, f"{name}_moe_gen") if self.config.is_mot else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, routing: ExpertRouting, layout: PackedLayout,
-                backend: Backend = "sdpa") -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, routing: ExpertRouting,
+                attend: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
         """Args: x (L, hidden) residual stream; cos, sin (L, head_dim). Returns (L, hidden)."""
         detach_und = self.config.freeze_und and self.training
         h = routing.apply(x, self.input_layernorm, self._gen("input_layernorm"), detach_und)
-        x = x + self.self_attn(h, cos, sin, routing, layout, backend, detach_und)
+        x = x + self.self_attn(h, cos, sin, routing, attend, detach_und)
         h = routing.apply(x, self.post_attention_layernorm, self._gen("post_attention_layernorm"), detach_und)
         return x + routing.apply(h, self.mlp, self._gen("mlp"), detach_und)
 
@@ -144,13 +156,12 @@ class Qwen2Model(nn.Module):
             self.norm_moe_gen = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
-    def forward(self, embeds: Tensor, position_ids: Tensor, routing: ExpertRouting, layout: PackedLayout,
-                backend: Backend = "sdpa") -> Tensor:
+    def forward(self, embeds: Tensor, position_ids: Tensor, routing: ExpertRouting, attend: Attend) -> Tensor:
         """Args: embeds (L, hidden); position_ids (L,) int. Returns the final-normed hidden states (L, hidden)."""
         cos, sin = self.rotary_emb(position_ids, embeds.dtype)
         x = embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin, routing, layout, backend)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, routing, partial(attend, index))
         detach_und = self.config.freeze_und and self.training
         return routing.apply(x, self.norm, getattr(self, "norm_moe_gen", None), detach_und)
 
