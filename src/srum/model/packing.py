@@ -32,6 +32,8 @@ class Text:
     """Train next-token prediction on this segment (``<|im_start|>`` and each id predict the next token)."""
     eos_label: int | None = None
     """If set (with ``loss``), the ``<|im_end|>`` position learns to predict this token too."""
+    wrap: bool = True
+    """Add the ``<|im_start|>`` / ``<|im_end|>`` markers; False for raw tokens (text decoding, scoring)."""
 
 
 @dataclass
@@ -91,6 +93,8 @@ class PackedBatch:
     """(Nce,)"""
     sample_ranges: tuple[tuple[int, int], ...] = field(default=())
     """[start, end) of each sample."""
+    next_positions: tuple[int, ...] = field(default=())
+    """Per sample, the position id a following item would take (what a KV-cache context carries on)."""
 
     @property
     def sequence_length(self) -> int:
@@ -137,7 +141,7 @@ class _Builder:
         return first
 
     def add_text(self, item: Text, position: int) -> int:
-        ids = [self.special.bos_token_id, *item.ids, self.special.eos_token_id]
+        ids = [self.special.bos_token_id, *item.ids, self.special.eos_token_id] if item.wrap else list(item.ids)
         start = self.length
         self.text_ids.extend(ids)
         self.text_indexes.extend(range(start, start + len(ids)))
@@ -177,7 +181,8 @@ class _Builder:
         self.latent["grids"].append((rows, cols))
         return position if noised else position + 1
 
-    def build(self, sample_lens: list[int], sample_ranges: list[tuple[int, int]]) -> PackedBatch:
+    def build(self, sample_lens: list[int], sample_ranges: list[tuple[int, int]], next_positions: list[int]
+              ) -> PackedBatch:
         def cat(parts: list[Tensor], empty: tuple[int, ...], dtype: torch.dtype) -> Tensor:
             return torch.cat(parts) if parts else torch.empty(empty, dtype=dtype)
 
@@ -201,13 +206,14 @@ class _Builder:
             ce_indexes=torch.tensor(self.ce_indexes, dtype=long),
             ce_labels=torch.tensor(self.ce_labels, dtype=long),
             sample_ranges=tuple(sample_ranges),
+            next_positions=tuple(next_positions),
         )
 
 
 def pack(samples: list[list[Item]], config: BagelConfig, special: SpecialTokens) -> PackedBatch:
     """Concatenate samples into one packed sequence (see the module docstring for the rules)."""
     builder = _Builder(config, special)
-    sample_lens, sample_ranges = [], []
+    sample_lens, sample_ranges, next_positions = [], [], []
     for index, sample in enumerate(samples):
         if not sample:
             raise ValueError(f"samples[{index}]: expected at least one item, got an empty sample")
@@ -223,4 +229,5 @@ def pack(samples: list[list[Item]], config: BagelConfig, special: SpecialTokens)
                 raise TypeError(f"samples[{index}]: expected Text, VitImage or VaeImage items, got {type(item)}")
         sample_lens.append(builder.length - start)
         sample_ranges.append((start, builder.length))
-    return builder.build(sample_lens, sample_ranges)
+        next_positions.append(position)
+    return builder.build(sample_lens, sample_ranges, next_positions)

@@ -1,0 +1,90 @@
+"""Text decoding (greedy, temperature, top-p) and teacher-forced scoring of candidate answers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from srum.generation.context import ContextBatch
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    max_new_tokens: int = 1024
+    """Tokens decoded at most per context (the end token not counted)."""
+    do_sample: bool = False
+    """Sample instead of taking the most likely token."""
+    temperature: float = 1.0
+    """Softmax temperature when sampling."""
+    top_p: float = 1.0
+    """Nucleus: sample among the most likely tokens whose probabilities sum to at least top_p."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected at least 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature: expected a positive number when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p}")
+
+
+def pick_tokens(logits: Tensor, config: DecodingConfig, generator: torch.Generator | None = None) -> Tensor:
+    """Next token per row of logits (B, vocab)."""
+    if not config.do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / config.temperature, dim=-1)
+    if config.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= config.top_p  # tokens after the nucleus is full
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def generate_text(contexts: ContextBatch, config: DecodingConfig, generator: torch.Generator | None = None,
+                  on_logits: Callable[[Tensor], None] | None = None) -> list[list[int]]:
+    """Decode one answer per context, BAGEL's way: from ``<|im_start|>`` at each context's next position,
+    on a copy of the contexts (which stay unchanged), until ``<|im_end|>`` or ``max_new_tokens``.
+
+    Returns the decoded ids of each context, without the start and end tokens. Each context stops on its own.
+    """
+    work = contexts.fork()
+    special = contexts.special
+    tokens = torch.full((work.batch_size,), special.bos_token_id, dtype=torch.long, device=work.device)
+    finished = torch.zeros(work.batch_size, dtype=torch.bool, device=work.device)
+    answers: list[list[int]] = [[] for _ in range(work.batch_size)]
+    for _ in range(config.max_new_tokens):
+        logits = work.decode_step(tokens)
+        if on_logits is not None:
+            on_logits(logits)
+        tokens = pick_tokens(logits, config, generator)
+        for row in (~finished).nonzero().flatten().tolist():
+            if int(tokens[row]) == special.eos_token_id:
+                finished[row] = True
+            else:
+                answers[row].append(int(tokens[row]))
+        if bool(finished.all()):
+            break
+    return answers
+
+
+def candidate_logprobs(contexts: ContextBatch, candidates: list[list[list[int]]]) -> list[Tensor]:
+    """Log-probability of each candidate continuation under the model, in one teacher-forced pass.
+
+    ``candidates[b]`` lists token-id continuations for context b; each is scored as an answer that starts with
+    ``<|im_start|>`` at the context's next position (as ``generate_text`` would produce it). Returns one (K_b,)
+    float32 tensor of summed token log-probabilities per context.
+    """
+    rows = torch.tensor([b for b, options in enumerate(candidates) for _ in options], device=contexts.device)
+    runs = [[contexts.special.bos_token_id, *option] for options in candidates for option in options]
+    logits = contexts.fork(rows).score_tokens(runs)  # (R, longest, vocab)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    totals = []
+    for row, run in enumerate(runs):
+        targets = torch.tensor(run[1:], device=logprobs.device)
+        totals.append(logprobs[row, torch.arange(len(targets), device=logprobs.device), targets].sum())
+    scores = torch.stack(totals) if totals else torch.zeros(0)
+    return list(scores.split([len(options) for options in candidates]))
