@@ -12,6 +12,10 @@ from jsonargparse import CLI
 from rich.console import Console
 from rich.table import Table
 
+from srum.generation.pipeline import Pipeline
+from srum.generation.prompts import read_prompts
+from srum.generation.sampler import RenormType, SamplerConfig
+from srum.generation.writer import generate_to_folder
 from srum.model.attention import Backend
 from srum.model.autoencoder import build_autoencoder
 from srum.model.build import build_on_meta, build_random, count_parameters
@@ -104,7 +108,54 @@ def model_overfit(preset: str = "tiny", samples: int = 6, steps: int = 40, lr: f
         raise SystemExit(f"the loss did not fall: {losses[0]:.4f} -> {losses[-1]:.4f}")
 
 
+def _device_and_dtype(device: str | None, dtype: Literal["auto", "float32", "bfloat16"]) -> tuple[str, torch.dtype]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return device, getattr(torch, dtype)
+
+
+def generate(checkpoint: Path, prompts: Path, out: Path, steps: int = 50, cfg_text_scale: float = 4.0,
+             cfg_img_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.4, 1.0), timestep_shift: float = 3.0,
+             cfg_renorm_type: RenormType = "global", cfg_renorm_min: float = 0.0, images_per_prompt: int = 1,
+             seed: int = 42, batch_size: int = 4, height: int = 1024, width: int = 1024, think: bool = False,
+             device: str | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto") -> None:
+    """Generate images for a prompt file: one PNG and one JSONL record per image in OUT; re-running skips
+    what is done.
+
+    Args:
+        checkpoint: checkpoint folder (official layout).
+        prompts: T2I-CompBench JSON (Question, Category, Question_id) or plain text, one prompt a line.
+        out: output folder (PNGs and records.jsonl).
+        steps: timestep grid points T (T - 1 model evaluations).
+        cfg_text_scale: text guidance scale (1 disables guidance).
+        cfg_img_scale: image guidance scale (1 disables it).
+        cfg_interval: guidance only where interval[0] < t <= interval[1].
+        timestep_shift: shift of the timestep grid.
+        cfg_renorm_type: global, channel or text_channel.
+        cfg_renorm_min: lower bound of the renorm scale (1 disables renorm).
+        images_per_prompt: images per prompt, each with its own seed.
+        seed: run seed; each image's seed derives from it, its prompt id and its index.
+        batch_size: images generated together.
+        height: image height in pixels.
+        width: image width in pixels.
+        think: plan in text before drawing.
+        device: cuda or cpu (default: cuda when available).
+        dtype: weights dtype (auto: bfloat16 on GPU, float32 on CPU).
+    """
+    device, torch_dtype = _device_and_dtype(device, dtype)
+    sampler = SamplerConfig(num_timesteps=steps, timestep_shift=timestep_shift, cfg_text_scale=cfg_text_scale,
+                            cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type,
+                            cfg_renorm_min=cfg_renorm_min)
+    prompt_list = read_prompts(prompts)
+    pipeline = Pipeline.from_checkpoint(checkpoint, dtype=torch_dtype, device=device)
+    written = generate_to_folder(pipeline, prompt_list, out, sampler, images_per_prompt, seed, batch_size, height,
+                                 width, think)
+    log.info("wrote %d images to %s", written, out)
+
+
 COMMANDS = {
+    "generate": generate,
     "model": {
         "params": model_params,
         "init": model_init,

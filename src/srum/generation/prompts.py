@@ -1,0 +1,79 @@
+"""Prompt files: T2I-CompBench JSON (a list of ``{Question, Category, Question_id}``) and plain text (one prompt
+a line). Errors name the file and the line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: str
+    text: str
+    category: str | None = None
+
+
+def _line(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def _json_entries(path: Path, text: str) -> list[tuple[int, object]]:
+    """The elements of a top-level JSON array with the line each starts on."""
+    decoder = json.JSONDecoder()
+    index = len(text) - len(text.lstrip())
+    if not text[index:index + 1] == "[":
+        raise ValueError(f"{path}:{_line(text, index)}: expected a JSON list of prompt objects")
+    index += 1
+    entries = []
+    while True:
+        while index < len(text) and text[index] in " \t\r\n,":
+            index += 1
+        if index >= len(text):
+            raise ValueError(f"{path}:{_line(text, index)}: the JSON list is not closed")
+        if text[index] == "]":
+            return entries
+        try:
+            value, end = decoder.raw_decode(text, index)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        entries.append((_line(text, index), value))
+        index = end
+
+
+def _compbench(path: Path, text: str) -> list[Prompt]:
+    prompts = []
+    for line, entry in _json_entries(path, text):
+        if not isinstance(entry, dict) or not isinstance(entry.get("Question"), str) or "Question_id" not in entry:
+            raise ValueError(f"{path}:{line}: expected an object with a string Question and a Question_id")
+        category = entry.get("Category")
+        prompts.append(Prompt(str(entry["Question_id"]), entry["Question"], None if category is None else str(category)))
+    return prompts
+
+
+def _plain(path: Path, text: str) -> list[Prompt]:
+    prompts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            raise ValueError(f"{path}:{number}: empty line (expected one prompt a line)")
+        prompts.append(Prompt(str(number), line.strip()))
+    return prompts
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts of a ``.json`` (T2I-CompBench) or any other (plain text) file; ids must be unique."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the prompt file ({error})") from None
+    prompts = _compbench(path, text) if path.suffix == ".json" else _plain(path, text)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    seen: set[str] = set()
+    for prompt in prompts:
+        if prompt.prompt_id in seen:
+            raise ValueError(f"{path}: Question_id {prompt.prompt_id} appears more than once")
+        seen.add(prompt.prompt_id)
+    return prompts
