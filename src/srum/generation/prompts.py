@@ -47,8 +47,8 @@ def _compbench(path: Path, text: str) -> list[Prompt]:
     for line, entry in _json_entries(path, text):
         if not isinstance(entry, dict) or not isinstance(entry.get("Question"), str) or "Question_id" not in entry:
             raise ValueError(f"{path}:{line}: expected an object with a string Question and a Question_id")
-        category = entry.get("Category")
-        prompts.append(Prompt(str(entry["Question_id"]), entry["Question"], None if category is None else str(category)))
+        category = None if entry.get("Category") is None else str(entry["Category"])
+        prompts.append(Prompt(str(entry["Question_id"]), entry["Question"], category))
     return prompts
 
 
