@@ -214,3 +214,13 @@ def test_top_p_sampling_keeps_only_the_nucleus():
     picks = {int(pick_tokens(logits, config, generator)) for _ in range(200)}
     assert picks == {0, 1}
     assert int(pick_tokens(logits, DecodingConfig())) == 0
+
+
+def test_each_context_stops_on_its_own(model, special):
+    contexts = ContextBatch(model, special, 2)
+    contexts.add_text(_prompts(2, seed=21))
+    free = generate_text(contexts, DecodingConfig(max_new_tokens=5))
+    stop = free[0][1]  # the second token the first context decodes
+    stopped = generate_text(contexts, DecodingConfig(max_new_tokens=5, stop_token_ids=(stop,)))
+    assert stopped[0] == free[0][: free[0].index(stop)]
+    assert stopped[1] == (free[1][: free[1].index(stop)] if stop in free[1] else free[1])

@@ -136,7 +136,8 @@ class Pipeline:
         contexts = self._contexts(len(images))
         if think:
             contexts.add_text([self.encode(THINK_BEFORE_ANSWER)] * len(images))
-        contexts.add_vit_images([resize_for_vit(image.to(self.device), vit.patch_size, vit.image_size)
+        min_side = min(224, vit.image_size)  # BAGEL's 224, or less for encoders of small images
+        contexts.add_vit_images([resize_for_vit(image.to(self.device), vit.patch_size, vit.image_size, min_side)
                                  for image in images])
         contexts.add_text([self.encode(question) for question in questions])
         return contexts

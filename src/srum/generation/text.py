@@ -21,6 +21,8 @@ class DecodingConfig:
     """Softmax temperature when sampling."""
     top_p: float = 1.0
     """Nucleus: sample among the most likely tokens whose probabilities sum to at least top_p."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end an answer besides ``<|im_end|>`` (not included in it)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -47,7 +49,8 @@ def pick_tokens(logits: Tensor, config: DecodingConfig, generator: torch.Generat
 def generate_text(contexts: ContextBatch, config: DecodingConfig, generator: torch.Generator | None = None,
                   on_logits: Callable[[Tensor], None] | None = None) -> list[list[int]]:
     """Decode one answer per context, BAGEL's way: from ``<|im_start|>`` at each context's next position,
-    on a copy of the contexts (which stay unchanged), until ``<|im_end|>`` or ``max_new_tokens``.
+    on a copy of the contexts (which stay unchanged), until ``<|im_end|>`` (or a stop token) or
+    ``max_new_tokens``.
 
     Returns the decoded ids of each context, without the start and end tokens. Each context stops on its own.
     """
@@ -56,13 +59,14 @@ def generate_text(contexts: ContextBatch, config: DecodingConfig, generator: tor
     tokens = torch.full((work.batch_size,), special.bos_token_id, dtype=torch.long, device=work.device)
     finished = torch.zeros(work.batch_size, dtype=torch.bool, device=work.device)
     answers: list[list[int]] = [[] for _ in range(work.batch_size)]
+    stops = {special.eos_token_id, *config.stop_token_ids}
     for _ in range(config.max_new_tokens):
         logits = work.decode_step(tokens)
         if on_logits is not None:
             on_logits(logits)
         tokens = pick_tokens(logits, config, generator)
         for row in (~finished).nonzero().flatten().tolist():
-            if int(tokens[row]) == special.eos_token_id:
+            if int(tokens[row]) in stops:
                 finished[row] = True
             else:
                 answers[row].append(int(tokens[row]))
