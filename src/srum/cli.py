@@ -119,7 +119,8 @@ def generate(checkpoint: Path, prompts: Path, out: Path, steps: int = 50, cfg_te
              cfg_img_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.4, 1.0), timestep_shift: float = 3.0,
              cfg_renorm_type: RenormType = "global", cfg_renorm_min: float = 0.0, images_per_prompt: int = 1,
              seed: int = 42, batch_size: int = 4, height: int = 1024, width: int = 1024, think: bool = False,
-             device: str | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto") -> None:
+             max_think_tokens: int = 1000, device: str | None = None,
+             dtype: Literal["auto", "float32", "bfloat16"] = "auto") -> None:
     """Generate images for a prompt file: one PNG and one JSONL record per image in OUT; re-running skips
     what is done.
 
@@ -140,6 +141,7 @@ def generate(checkpoint: Path, prompts: Path, out: Path, steps: int = 50, cfg_te
         height: image height in pixels.
         width: image width in pixels.
         think: plan in text before drawing.
+        max_think_tokens: with think, tokens of each plan at most.
         device: cuda or cpu (default: cuda when available).
         dtype: weights dtype (auto: bfloat16 on GPU, float32 on CPU).
     """
@@ -150,7 +152,7 @@ def generate(checkpoint: Path, prompts: Path, out: Path, steps: int = 50, cfg_te
     prompt_list = read_prompts(prompts)
     pipeline = Pipeline.from_checkpoint(checkpoint, dtype=torch_dtype, device=device)
     written = generate_to_folder(pipeline, prompt_list, out, sampler, images_per_prompt, seed, batch_size, height,
-                                 width, think)
+                                 width, think, max_think_tokens)
     log.info("wrote %d images to %s", written, out)
 
 

@@ -4,8 +4,11 @@ a line). Errors name the file and the line."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -44,17 +47,27 @@ def _json_entries(path: Path, text: str) -> list[tuple[int, object]]:
 
 def _compbench(path: Path, text: str) -> list[Prompt]:
     prompts = []
+    first_line: dict[str, int] = {}
     for line, entry in _json_entries(path, text):
         if not isinstance(entry, dict) or not isinstance(entry.get("Question"), str) or "Question_id" not in entry:
             raise ValueError(f"{path}:{line}: expected an object with a string Question and a Question_id")
+        prompt_id = str(entry["Question_id"])
+        question_id = entry["Question_id"]
+        if isinstance(question_id, bool) or not isinstance(question_id, (int, str)) or not SAFE_ID.fullmatch(prompt_id):
+            raise ValueError(f"{path}:{line}: Question_id: expected an integer or a name of letters, digits, "
+                             f"'_', '.', '-' (it names the image files), got {entry['Question_id']!r}")
+        if prompt_id in first_line:
+            raise ValueError(f"{path}:{line}: Question_id {prompt_id} appears more than once (first on line "
+                             f"{first_line[prompt_id]})")
+        first_line[prompt_id] = line
         category = None if entry.get("Category") is None else str(entry["Category"])
-        prompts.append(Prompt(str(entry["Question_id"]), entry["Question"], category))
+        prompts.append(Prompt(prompt_id, entry["Question"], category))
     return prompts
 
 
 def _plain(path: Path, text: str) -> list[Prompt]:
     prompts = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.rstrip("\n").split("\n"), start=1):
         if not line.strip():
             raise ValueError(f"{path}:{number}: empty line (expected one prompt a line)")
         prompts.append(Prompt(str(number), line.strip()))
@@ -65,15 +78,10 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts of a ``.json`` (T2I-CompBench) or any other (plain text) file; ids must be unique."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: cannot read the prompt file ({error})") from None
-    prompts = _compbench(path, text) if path.suffix == ".json" else _plain(path, text)
+    prompts = _compbench(path, text) if path.suffix.lower() == ".json" else _plain(path, text)
     if not prompts:
         raise ValueError(f"{path}: no prompts")
-    seen: set[str] = set()
-    for prompt in prompts:
-        if prompt.prompt_id in seen:
-            raise ValueError(f"{path}: Question_id {prompt.prompt_id} appears more than once")
-        seen.add(prompt.prompt_id)
     return prompts

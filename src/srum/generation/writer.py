@@ -1,9 +1,10 @@
 """``srum generate``: images for a prompt file into a folder, one PNG and one JSONL record per image.
 
 Safe to kill and re-run: every PNG is written to a temporary name and renamed, every record is one line written
-after its PNG, a torn last line is dropped on restart, and images that already have a record are skipped. Each
-image's noise comes from its own seed (derived from the run seed, the prompt id and the image index), so an
-image does not depend on the batch size.
+after its PNG, a torn last line is dropped on restart, images that already have a record are skipped and a record
+whose image was deleted is dropped (the image is made again). A folder keeps one set of settings: re-running into
+it with other settings is refused. Each image's noise comes from its own seed (derived from the run seed, the
+prompt id and the image index), so an image does not depend on the batch size.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from PIL import Image
 from srum.generation.pipeline import Pipeline
 from srum.generation.prompts import Prompt
 from srum.generation.sampler import SamplerConfig
+from srum.generation.text import DecodingConfig
 
 log = logging.getLogger(__name__)
 RECORDS = "records.jsonl"
@@ -62,7 +64,10 @@ def read_records(path: Path) -> list[dict]:
 
 def _save_png(pixels, path: Path) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(pixels.numpy()).save(temporary, format="PNG")
+    with temporary.open("wb") as file:
+        Image.fromarray(pixels.numpy()).save(file, format="PNG")
+        file.flush()
+        os.fsync(file.fileno())  # on disk before the record that points to it
     os.replace(temporary, path)
 
 
@@ -73,22 +78,46 @@ def _append(path: Path, record: dict) -> None:
         os.fsync(file.fileno())
 
 
+def _rewrite(path: Path, records: list[dict]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    os.replace(temporary, path)
+
+
 def generate_to_folder(pipeline: Pipeline, prompts: list[Prompt], out: Path, sampler: SamplerConfig,
                        images_per_prompt: int = 1, seed: int = 42, batch_size: int = 4, height: int = 1024,
-                       width: int = 1024, think: bool = False) -> int:
+                       width: int = 1024, think: bool = False, max_think_tokens: int = 1000) -> int:
     """Generate what is missing in ``out``; returns the number of images written by this call."""
     out.mkdir(parents=True, exist_ok=True)
     records_path = out / RECORDS
-    done = {record["image_file"] for record in read_records(records_path) if (out / record["image_file"]).exists()}
+    records = read_records(records_path)
+    missing = [f"line {n}" for n, r in enumerate(records, 1) if not isinstance(r, dict) or "image_file" not in r]
+    if missing:
+        raise ValueError(f"{records_path}: {missing[0]}: expected a record with an image_file")
+    kept = [record for record in records if (out / record["image_file"]).exists()]
+    if len(kept) < len(records):  # images deleted since: drop their records too, or the re-made ones would repeat
+        _rewrite(records_path, kept)
+    done = {record["image_file"] for record in kept}
     jobs = [ImageJob(prompt, index, image_seed(seed, prompt.prompt_id, index))
             for prompt in prompts for index in range(images_per_prompt)]
     todo = [job for job in jobs if job.image_file not in done]
     log.info("%d images to generate (%d already in %s)", len(todo), len(jobs) - len(todo), out)
-    settings = {**asdict(sampler), "height": height, "width": width, "think": think}
+    settings = {**asdict(sampler), "height": height, "width": width, "think": think, "run_seed": seed}
+    decoding = None
+    if think:
+        decoding = DecodingConfig(max_new_tokens=max_think_tokens)
+        settings["max_think_tokens"] = max_think_tokens
+    settings = json.loads(json.dumps(settings))  # as a record stores them (tuples become lists)
+    for record in kept:
+        if record.get("settings") != settings:
+            changed = sorted(k for k in settings.keys() | record.get("settings", {}).keys()
+                             if settings.get(k) != record.get("settings", {}).get(k))
+            raise ValueError(f"{records_path}: holds images made with other settings ({', '.join(changed)}); "
+                             "use another --out")
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         result = pipeline.generate([job.prompt.text for job in batch], [job.seed for job in batch], sampler,
-                                   height=height, width=width, think=think)
+                                   height=height, width=width, think=think, decoding=decoding)
         for position, job in enumerate(batch):
             _save_png(result.images[position], out / job.image_file)
             record = {"prompt_id": job.prompt.prompt_id, "category": job.prompt.category, "prompt": job.prompt.text,
