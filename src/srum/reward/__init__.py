@@ -1,0 +1,1 @@
+"""Self-rewarding: scoring instructions, score reading, region proposals, reward maps, records."""

@@ -1,0 +1,169 @@
+"""Reward maps: a global score and scored boxes painted into a dense map over an image.
+
+Boxes live in ``ScoredRegions`` as pixel coordinates of the frame they were scored in, with that frame's size
+alongside, so a map can be drawn for any other frame (the training image, the latent-token grid) by rescaling.
+The official rule (``max_floor``) is::
+
+    R(x, y) = (g + 1) / 2 * max(0.5, max_{k: (x, y) in box_k} (s_k + 1) / 2)
+
+with pixel boxes truncated toward zero and clamped to the frame. Other rules and ablations are options
+(``MapConfig``). Everything is vectorised over images and boxes; ``official_pixel_map`` is the plain
+per-record reference the tests hold the fast paths to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from srum.loss.bilinear import ragged_sample_points
+
+CombineRule = Literal["max_floor", "signed", "mean"]
+Ablation = Literal["none", "global_only", "local_only"]
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    """How scores become a map."""
+
+    rule: CombineRule = "max_floor"
+    """``max_floor``: official, regions can only raise a 0.5 floor (R in [0, 1]). ``signed``: background 0,
+    each pixel takes the covering score of largest magnitude, so bad regions are negative (R in [-1, 1]).
+    ``mean``: background 0.5, covered pixels the mean of (s_k + 1) / 2 over their boxes (R in [0, 1])."""
+    ablation: Ablation = "none"
+    """``global_only``: ignore regions. ``local_only``: ignore the global score (factor 1)."""
+
+    @property
+    def signed(self) -> bool:
+        return self.rule == "signed"
+
+
+@dataclass
+class ScoredRegions:
+    """Scores of a batch of B images with up to K boxes each (padded).
+
+    ``boxes`` (B, K, 4) float64 pixel ``[x1, y1, x2, y2]`` in the scored frame (x right, y down, x2/y2
+    exclusive); ``scores`` (B, K); ``valid`` (B, K) bool; ``global_scores`` (B,); ``sizes`` (B, 2) the scored
+    frame's (width, height). Scores are in [-1, 1].
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    valid: Tensor
+    global_scores: Tensor
+    sizes: Tensor
+
+    @classmethod
+    def from_lists(cls, global_scores: list[float], boxes: list[list[list[float]]], scores: list[list[float]],
+                   sizes: list[tuple[int, int]]) -> ScoredRegions:
+        count, most = len(global_scores), max((len(b) for b in boxes), default=0) or 1  # K >= 1: reductions
+        padded_boxes = torch.zeros(count, most, 4, dtype=torch.float64)
+        padded_scores = torch.zeros(count, most, dtype=torch.float64)
+        valid = torch.zeros(count, most, dtype=torch.bool)
+        for row, (image_boxes, image_scores) in enumerate(zip(boxes, scores, strict=True)):
+            if image_boxes:
+                padded_boxes[row, : len(image_boxes)] = torch.tensor(image_boxes, dtype=torch.float64)
+                padded_scores[row, : len(image_scores)] = torch.tensor(image_scores, dtype=torch.float64)
+                valid[row, : len(image_boxes)] = True
+        return cls(padded_boxes, padded_scores, valid, torch.tensor(global_scores, dtype=torch.float64),
+                   torch.tensor(sizes, dtype=torch.float64))
+
+    def __len__(self) -> int:
+        return int(self.global_scores.shape[0])
+
+
+def _trunc(values: Tensor) -> Tensor:
+    """``int()`` of coordinates, robust to the rounding of a rescale that should land on an integer."""
+    return torch.sign(values) * torch.floor(values.abs() + 1e-9)
+
+
+def pixel_boxes(regions: ScoredRegions, heights: Tensor, widths: Tensor) -> Tensor:
+    """Boxes rescaled to frames of (heights, widths) (B,), truncated and clamped: (B, K, 4) int64; a box that
+    ends up empty has x1 >= x2 or y1 >= y2 (and paints nothing)."""
+    scale_x = (widths.double() / regions.sizes[:, 0])[:, None]
+    scale_y = (heights.double() / regions.sizes[:, 1])[:, None]
+    x1, y1, x2, y2 = regions.boxes.unbind(-1)
+    # Boxes inverted in their own frame are skipped (the official check happens before clamping).
+    x1, x2 = _trunc(x1 * scale_x), _trunc(x2 * scale_x)
+    y1, y2 = _trunc(y1 * scale_y), _trunc(y2 * scale_y)
+    keep = regions.valid & (x1 < x2) & (y1 < y2)
+    w, h = widths.double()[:, None], heights.double()[:, None]
+    zero = torch.zeros_like(x1)
+    out = torch.stack([torch.clamp(x1, zero, w), torch.clamp(y1, zero, h), torch.clamp(x2, zero, w),
+                       torch.clamp(y2, zero, h)], dim=-1).long()
+    return torch.where(keep[..., None], out, torch.zeros_like(out))
+
+
+def _global_factor(regions: ScoredRegions, config: MapConfig) -> Tensor:
+    if config.ablation == "local_only":
+        return torch.ones_like(regions.global_scores)
+    return (regions.global_scores + 1) / 2
+
+
+def values_at(regions: ScoredRegions, config: MapConfig, ys: Tensor, xs: Tensor, heights: Tensor,
+              widths: Tensor) -> Tensor:
+    """Map values at integer pixel positions of frames (heights, widths).
+
+    Args:
+        ys, xs: (B, P) int64 pixel rows and columns (one set per image).
+    Returns:
+        (B, P) float64.
+    """
+    boxes = pixel_boxes(regions, heights, widths)  # (B, K, 4)
+    x1, y1, x2, y2 = (c[:, None, :] for c in boxes.unbind(-1))  # (B, 1, K)
+    inside = (xs[..., None] >= x1) & (xs[..., None] < x2) & (ys[..., None] >= y1) & (ys[..., None] < y2)  # (B,P,K)
+    if config.ablation == "global_only":
+        inside = torch.zeros_like(inside)
+    scores = regions.scores[:, None, :]  # (B, 1, K)
+    if config.rule == "max_floor":
+        painted = torch.where(inside, (scores + 1) / 2, torch.full_like(scores, 0.5)).amax(-1).clamp(min=0.5)
+    elif config.rule == "mean":
+        covered = inside.sum(-1)
+        total = torch.where(inside, (scores + 1) / 2, torch.zeros_like(scores)).sum(-1)
+        painted = torch.where(covered > 0, total / covered.clamp(min=1), torch.full_like(total, 0.5))
+    else:  # signed: the covering score of largest magnitude (ties: the higher score); background 0
+        magnitude = torch.where(inside, scores.abs(), torch.full_like(scores, -1.0))
+        best = (magnitude + 1e-12 * scores).argmax(-1, keepdim=True)
+        chosen = torch.gather(scores.expand_as(magnitude), -1, best).squeeze(-1)
+        painted = torch.where(inside.any(-1), chosen, torch.zeros_like(chosen))
+    return _global_factor(regions, config)[:, None] * painted
+
+
+def pixel_maps(regions: ScoredRegions, height: int, width: int, config: MapConfig = MapConfig()) -> Tensor:
+    """Full-resolution maps (B, height, width) float32, every image drawn in a frame of the same size."""
+    count = len(regions)
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    sizes = torch.full((count,), height), torch.full((count,), width)
+    values = values_at(regions, config, ys.reshape(1, -1).expand(count, -1), xs.reshape(1, -1).expand(count, -1),
+                       *sizes)
+    return values.reshape(count, height, width).float()
+
+
+def token_rewards(regions: ScoredRegions, frames: list[tuple[int, int]], grids: list[tuple[int, int]],
+                  config: MapConfig = MapConfig()) -> Tensor:
+    """Per-token rewards without any full-resolution buffer: the map of each image drawn in its frame
+    (height, width) and sampled bilinearly (align_corners=False, as ``F.interpolate``) onto its token grid
+    (rows, cols), row-major. Returns (sum of rows*cols,) float32, image after image.
+
+    Only the four pixels around each token's sample point are evaluated, for all images and boxes at once;
+    sample points are computed once per distinct (frame, grid).
+    """
+    count = len(regions)
+    ys, xs, weights, real = ragged_sample_points(frames, grids)
+    most = ys.shape[1]
+    heights = torch.tensor([h for h, _ in frames])
+    widths = torch.tensor([w for _, w in frames])
+    values = values_at(regions, config, ys.reshape(count, -1), xs.reshape(count, -1), heights, widths)
+    # Interpolate the float32 map values, as the official code interpolates a float32 tensor.
+    sampled = (values.float().double().reshape(count, most, 4) * weights).sum(-1).float()  # (B, most)
+    return sampled[real]  # row-major, image after image
+
+
+def sample_map(reward_map: Tensor, rows: int, cols: int) -> Tensor:
+    """The official token map of one pixel map (H, W): ``F.interpolate`` bilinear, align_corners=False,
+    flattened row-major. (rows*cols,)."""
+    return F.interpolate(reward_map[None, None], size=(rows, cols), mode="bilinear", align_corners=False).flatten()
