@@ -38,21 +38,25 @@ class GeneratedImages:
     """Per image, the think-mode plan (empty without think)."""
 
 
-def resize_for_vit(image: Tensor, patch: int, max_side: int, min_side: int = 224,
-                   max_pixels: int = 14 * 14 * 9 * 1024) -> Tensor:
-    """BAGEL's understanding transform: scale so the long side is at most ``max_side`` and the short side at
-    least ``min_side``, sides rounded to multiples of ``patch``, bicubic with antialiasing. (3, H, W) in [-1, 1]."""
-    height, width = image.shape[-2:]
+def vit_size(height: int, width: int, patch: int, max_side: int, min_side: int = 224,
+             max_pixels: int = 14 * 14 * 9 * 1024) -> tuple[int, int]:
+    """The (height, width) BAGEL's understanding transform gives an image: the long side at most ``max_side``,
+    the short side at least ``min_side``, sides multiples of ``patch``."""
     scale = max(min(max_side / max(height, width), 1.0), min_side / min(height, width))
     sides = [max(patch, round(side * scale / patch) * patch) for side in (height, width)]
     if sides[0] * sides[1] > max_pixels:  # the official transform rescales by the area ratio here
         ratio = max_pixels / (sides[0] * sides[1])
         sides = [max(patch, round(side * ratio / patch) * patch) for side in sides]
-    sides = [min(side, max_side // patch * patch) for side in sides]
-    if tuple(sides) == (height, width):
+    capped = [min(side, max_side // patch * patch) for side in sides]
+    return capped[0], capped[1]
+
+
+def resize_for_vit(image: Tensor, patch: int, max_side: int, min_side: int = 224) -> Tensor:
+    """An image (3, H, W) in [-1, 1] resized to ``vit_size``, bicubic with antialiasing."""
+    size = vit_size(*image.shape[-2:], patch, max_side, min_side)
+    if size == tuple(image.shape[-2:]):
         return image
-    resized = F.interpolate(image[None].float(), size=tuple(sides), mode="bicubic", antialias=True,
-                            align_corners=False)
+    resized = F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True, align_corners=False)
     return resized[0].clamp(-1, 1).to(image.dtype)
 
 
@@ -74,6 +78,17 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return self.model.language_model.lm_head.weight.device
+
+    @property
+    def vit_transform(self) -> tuple[int, int, int]:
+        """(patch, max_side, min_side) of the understanding transform: BAGEL's 14, 980, 224, or the encoder's
+        own image size as the bound for encoders of small images."""
+        vit = self.model.config.vit
+        return vit.patch_size, vit.image_size, min(224, vit.image_size)
+
+    def vit_frame(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) the model sees an image of this size at."""
+        return vit_size(height, width, *self.vit_transform)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -132,13 +147,10 @@ class Pipeline:
         return GeneratedImages(images=images, latents=[latent.cpu() for latent in latents], plans=plans)
 
     def _image_contexts(self, images: list[Tensor], questions: list[str], think: bool) -> ContextBatch:
-        vit = self.model.config.vit
         contexts = self._contexts(len(images))
         if think:
             contexts.add_text([self.encode(THINK_BEFORE_ANSWER)] * len(images))
-        min_side = min(224, vit.image_size)  # BAGEL's 224, or less for encoders of small images
-        contexts.add_vit_images([resize_for_vit(image.to(self.device), vit.patch_size, vit.image_size, min_side)
-                                 for image in images])
+        contexts.add_vit_images([resize_for_vit(image.to(self.device), *self.vit_transform) for image in images])
         contexts.add_text([self.encode(question) for question in questions])
         return contexts
 

@@ -22,6 +22,7 @@ from srum.generation.pipeline import Pipeline
 from srum.generation.prompts import Prompt
 from srum.generation.sampler import SamplerConfig
 from srum.generation.text import DecodingConfig
+from srum.io.jsonl import append_jsonl, read_jsonl, rewrite_jsonl
 
 log = logging.getLogger(__name__)
 RECORDS = "records.jsonl"
@@ -44,24 +45,6 @@ def image_seed(run_seed: int, prompt_id: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def read_records(path: Path) -> list[dict]:
-    """Records of a previous run; a torn last line (a killed write) is cut off the file."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        with path.open("r+b") as file:
-            file.truncate(len(data))
-    records = []
-    for number, line in enumerate(data.decode().splitlines(), start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not a JSON record ({error.msg})") from None
-    return records
-
-
 def _save_png(pixels, path: Path) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     with temporary.open("wb") as file:
@@ -71,32 +54,19 @@ def _save_png(pixels, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def _append(path: Path, record: dict) -> None:
-    with path.open("a", encoding="utf-8") as file:
-        file.write(json.dumps(record) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _rewrite(path: Path, records: list[dict]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def generate_to_folder(pipeline: Pipeline, prompts: list[Prompt], out: Path, sampler: SamplerConfig,
                        images_per_prompt: int = 1, seed: int = 42, batch_size: int = 4, height: int = 1024,
                        width: int = 1024, think: bool = False, max_think_tokens: int = 1000) -> int:
     """Generate what is missing in ``out``; returns the number of images written by this call."""
     out.mkdir(parents=True, exist_ok=True)
     records_path = out / RECORDS
-    records = read_records(records_path)
+    records = read_jsonl(records_path)
     missing = [f"line {n}" for n, r in enumerate(records, 1) if not isinstance(r, dict) or "image_file" not in r]
     if missing:
         raise ValueError(f"{records_path}: {missing[0]}: expected a record with an image_file")
     kept = [record for record in records if (out / record["image_file"]).exists()]
     if len(kept) < len(records):  # images deleted since: drop their records too, or the re-made ones would repeat
-        _rewrite(records_path, kept)
+        rewrite_jsonl(records_path, kept)
     done = {record["image_file"] for record in kept}
     jobs = [ImageJob(prompt, index, image_seed(seed, prompt.prompt_id, index))
             for prompt in prompts for index in range(images_per_prompt)]
@@ -125,6 +95,6 @@ def generate_to_folder(pipeline: Pipeline, prompts: list[Prompt], out: Path, sam
                       "settings": settings}
             if think:
                 record["plan"] = result.plans[position]
-            _append(records_path, record)
+            append_jsonl(records_path, record)
         log.info("%d / %d", min(start + batch_size, len(todo)), len(todo))
     return len(todo)

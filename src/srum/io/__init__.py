@@ -1,0 +1,1 @@
+"""Files srum reads and writes: crash-safe JSONL."""
