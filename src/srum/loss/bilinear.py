@@ -54,6 +54,32 @@ def ragged_sample_points(in_sizes: list[tuple[int, int]], grids: list[tuple[int,
     return ys, xs, weights, torch.arange(most)[None, :] < lengths[:, None]
 
 
+def ragged_separable_points(in_sizes: list[tuple[int, int]], grids: list[tuple[int, int]]
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The sample points of a batch as separate rows and columns: rows (B, R, 2) and columns (B, C, 2) int64
+    source pixels with weights (B, R, 2) and (B, C, 2) float64 (R, C the largest grid's; padding repeats
+    pixel 0 with weight 0), and a (B, R * C) mask of the real tokens in row-major order."""
+    count = len(grids)
+    most_rows = max(rows for rows, _ in grids)
+    most_cols = max(cols for _, cols in grids)
+    keys = list(zip(map(tuple, in_sizes), map(tuple, grids), strict=True))
+    distinct = sorted(set(keys))
+    which = torch.tensor([distinct.index(key) for key in keys], dtype=torch.long)
+
+    def table(out_size: int, in_size: int, most: int) -> tuple[Tensor, Tensor]:
+        low, high, weight = source_coords(out_size, in_size)
+        pad = (0, 0, 0, most - out_size)
+        return F.pad(torch.stack([low, high], -1), pad), F.pad(torch.stack([1 - weight, weight], -1), pad)
+
+    row_tables = [table(grid[0], size[0], most_rows) for size, grid in distinct]
+    col_tables = [table(grid[1], size[1], most_cols) for size, grid in distinct]
+    rows_px, row_w = (torch.stack([t[i] for t in row_tables])[which] for i in range(2))
+    cols_px, col_w = (torch.stack([t[i] for t in col_tables])[which] for i in range(2))
+    row_real = torch.arange(most_rows)[None, :] < torch.tensor([r for r, _ in grids])[:, None]
+    col_real = torch.arange(most_cols)[None, :] < torch.tensor([c for _, c in grids])[:, None]
+    return rows_px, cols_px, row_w, col_w, (row_real[:, :, None] & col_real[:, None, :]).reshape(count, -1)
+
+
 def sample_maps(maps: list[Tensor], grids: list[tuple[int, int]]) -> Tensor:
     """Per-token values of ragged maps sampled onto their grids, (sum rows*cols,) in the maps' dtype, image
     after image, row-major: one gather over the concatenated maps."""

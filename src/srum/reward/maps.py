@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from srum.loss.bilinear import ragged_sample_points
+from srum.loss.bilinear import ragged_separable_points
 
 CombineRule = Literal["max_floor", "signed", "mean"]
 Ablation = Literal["none", "global_only", "local_only"]
@@ -104,43 +104,45 @@ def _global_factor(regions: ScoredRegions, config: MapConfig) -> Tensor:
     return (regions.global_scores + 1) / 2
 
 
-def values_at(regions: ScoredRegions, config: MapConfig, ys: Tensor, xs: Tensor, heights: Tensor,
-              widths: Tensor) -> Tensor:
-    """Map values at integer pixel positions of frames (heights, widths).
+def grid_values(regions: ScoredRegions, config: MapConfig, ys: Tensor, xs: Tensor, heights: Tensor,
+                widths: Tensor) -> Tensor:
+    """Map values on a grid of pixel rows x columns of frames (heights, widths) (B,).
+
+    Box membership is separable (a pixel is in a box iff its row and its column are), so rows and columns are
+    tested apart and combined once. Values are float32, as the official map is.
 
     Args:
-        ys, xs: (B, P) int64 pixel rows and columns (one set per image).
+        ys: (B, R) int64 pixel rows; xs: (B, C) int64 pixel columns.
     Returns:
-        (B, P) float64.
+        (B, R, C) float32.
     """
     boxes = pixel_boxes(regions, heights, widths)  # (B, K, 4)
     x1, y1, x2, y2 = (c[:, None, :] for c in boxes.unbind(-1))  # (B, 1, K)
-    inside = (xs[..., None] >= x1) & (xs[..., None] < x2) & (ys[..., None] >= y1) & (ys[..., None] < y2)  # (B,P,K)
+    in_rows = (ys[..., None] >= y1) & (ys[..., None] < y2)  # (B, R, K)
+    in_cols = (xs[..., None] >= x1) & (xs[..., None] < x2)  # (B, C, K)
+    inside = in_rows[:, :, None, :] & in_cols[:, None, :, :]  # (B, R, C, K)
     if config.ablation == "global_only":
         inside = torch.zeros_like(inside)
-    scores = regions.scores[:, None, :]  # (B, 1, K)
+    scores = regions.scores.float()[:, None, None, :]  # (B, 1, 1, K)
     if config.rule == "max_floor":
-        painted = torch.where(inside, (scores + 1) / 2, torch.full_like(scores, 0.5)).amax(-1).clamp(min=0.5)
+        painted = torch.where(inside, (scores + 1) / 2, 0.5).amax(-1).clamp(min=0.5)
     elif config.rule == "mean":
         covered = inside.sum(-1)
-        total = torch.where(inside, (scores + 1) / 2, torch.zeros_like(scores)).sum(-1)
-        painted = torch.where(covered > 0, total / covered.clamp(min=1), torch.full_like(total, 0.5))
+        total = torch.where(inside, (scores + 1) / 2, 0.0).sum(-1)
+        painted = torch.where(covered > 0, total / covered.clamp(min=1), 0.5)
     else:  # signed: the covering score of largest magnitude (ties: the higher score); background 0
-        magnitude = torch.where(inside, scores.abs(), torch.full_like(scores, -1.0))
-        best = (magnitude + 1e-12 * scores).argmax(-1, keepdim=True)
-        chosen = torch.gather(scores.expand_as(magnitude), -1, best).squeeze(-1)
-        painted = torch.where(inside.any(-1), chosen, torch.zeros_like(chosen))
-    return _global_factor(regions, config)[:, None] * painted
+        magnitude = torch.where(inside, scores.abs() + 1e-6 * scores, -1.0)
+        chosen = torch.gather(scores.expand_as(magnitude), -1, magnitude.argmax(-1, keepdim=True)).squeeze(-1)
+        painted = torch.where(inside.any(-1), chosen, 0.0)
+    return painted * _global_factor(regions, config).float()[:, None, None]
 
 
 def pixel_maps(regions: ScoredRegions, height: int, width: int, config: MapConfig = MapConfig()) -> Tensor:
     """Full-resolution maps (B, height, width) float32, every image drawn in a frame of the same size."""
     count = len(regions)
-    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    sizes = torch.full((count,), height), torch.full((count,), width)
-    values = values_at(regions, config, ys.reshape(1, -1).expand(count, -1), xs.reshape(1, -1).expand(count, -1),
-                       *sizes)
-    return values.reshape(count, height, width).float()
+    ys = torch.arange(height).expand(count, -1)
+    xs = torch.arange(width).expand(count, -1)
+    return grid_values(regions, config, ys, xs, torch.full((count,), height), torch.full((count,), width))
 
 
 def token_rewards(regions: ScoredRegions, frames: list[tuple[int, int]], grids: list[tuple[int, int]],
@@ -149,18 +151,19 @@ def token_rewards(regions: ScoredRegions, frames: list[tuple[int, int]], grids: 
     (height, width) and sampled bilinearly (align_corners=False, as ``F.interpolate``) onto its token grid
     (rows, cols), row-major. Returns (sum of rows*cols,) float32, image after image.
 
-    Only the four pixels around each token's sample point are evaluated, for all images and boxes at once;
-    sample points are computed once per distinct (frame, grid).
+    Only the two pixel rows and two pixel columns around each token's sample point are painted, for all images
+    and boxes at once; the sample points are computed once per distinct (frame, grid).
     """
     count = len(regions)
-    ys, xs, weights, real = ragged_sample_points(frames, grids)
-    most = ys.shape[1]
+    rows_px, cols_px, row_w, col_w, real = ragged_separable_points(frames, grids)  # (B, R, 2), (B, C, 2), ...
     heights = torch.tensor([h for h, _ in frames])
     widths = torch.tensor([w for _, w in frames])
-    values = values_at(regions, config, ys.reshape(count, -1), xs.reshape(count, -1), heights, widths)
-    # Interpolate the float32 map values, as the official code interpolates a float32 tensor.
-    sampled = (values.float().double().reshape(count, most, 4) * weights).sum(-1).float()  # (B, most)
-    return sampled[real]  # row-major, image after image
+    values = grid_values(regions, config, rows_px.reshape(count, -1), cols_px.reshape(count, -1), heights, widths)
+    rows, cols = rows_px.shape[1], cols_px.shape[1]
+    values = values.reshape(count, rows, 2, cols, 2)
+    # Bilinear interpolation of the float32 map, with PyTorch's float32 weights.
+    sampled = torch.einsum("brpcq,brp,bcq->brc", values, row_w.float(), col_w.float())  # (B, R, C)
+    return sampled.reshape(count, -1)[real]  # row-major, image after image
 
 
 def sample_map(reward_map: Tensor, rows: int, cols: int) -> Tensor:
