@@ -213,11 +213,12 @@ class ScoringInstructions:
     def __post_init__(self) -> None:
         for name, required in _REQUIRED_FIELDS.items():
             found = _template_fields(name, getattr(self, name))
-            if missing := sorted(required - found):
-                raise ValueError(f"{name} lacks the field(s) {', '.join('{' + f + '}' for f in missing)}")
-            if unknown := sorted(found - required):
-                raise ValueError(f"{name} has unknown field(s) {', '.join('{' + f + '}' for f in unknown)}; "
-                                 f"allowed: {', '.join('{' + f + '}' for f in sorted(required))}")
+            missing, unknown = sorted(required - found), sorted(found - required)
+            if missing or unknown:
+                problems = [f"{kind} field(s) {', '.join('{' + f + '}' for f in fields)}"
+                            for kind, fields in (("missing", missing), ("unknown", unknown)) if fields]
+                raise ValueError(f"{name}: {'; '.join(problems)} (it needs exactly "
+                                 f"{', '.join('{' + f + '}' for f in sorted(required))})")
         if not isinstance(self.version, str) or not self.version:
             raise ValueError(f"version must be a non-empty string, got {self.version!r}")
 
