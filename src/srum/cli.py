@@ -25,6 +25,9 @@ from srum.model.overfit import overfit
 from srum.model.packing import pack
 from srum.model.synthetic import SampleFactory, special_tokens_for
 from srum.model.tokenizer import build_small_tokenizer
+from srum.reward.proposals import build_proposer
+from srum.reward.rollouts import score_rollouts
+from srum.reward.scorer import Method, ScorerConfig, SelfScorer
 
 log = logging.getLogger("srum")
 MAX_INIT_PARAMETERS = 2_000_000_000  # `model init` is for tiny presets: random 7B weights help no one
@@ -156,8 +159,47 @@ def generate(checkpoint: Path, prompts: Path, out: Path, steps: int = 50, cfg_te
     log.info("wrote %d images to %s", written, out)
 
 
+def score(checkpoint: Path, rollouts: Path, out: Path, proposer: Literal["components", "grid", "whole", "sam"]
+          = "components", max_regions: int = 10, sam_dir: Path | None = None, method: Method = "both",
+          global_kind: Literal["layout", "sample"] = "layout", think: bool = False,
+          max_new_tokens_global: int = 1024, max_new_tokens_regions: int = 4096, batch_size: int = 4,
+          device: str | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto") -> None:
+    """Self-score every image of a ``srum generate`` folder: propose regions, score them and the whole image
+    with the same model, append one reward record per image to OUT; re-running skips what is done.
+
+    Args:
+        checkpoint: checkpoint folder (official layout).
+        rollouts: a folder written by ``srum generate`` (PNGs and records.jsonl).
+        out: reward-record JSONL file to append to.
+        proposer: region proposer: connected components, grid, whole image, or SAM from ``sam_dir``.
+        max_regions: regions kept per image, largest first.
+        sam_dir: local folder of a transformers SAM model (for ``--proposer sam``).
+        method: score kinds: text (parsed answers), expected (probability-weighted) or both.
+        global_kind: global instruction: layout (official) or sample (overall impression).
+        think: let free-text answers reason in think tags first.
+        max_new_tokens_global: decoding budget of the global answer.
+        max_new_tokens_regions: decoding budget of the region answer.
+        batch_size: images scored together.
+        device: cuda or cpu (default: cuda when available).
+        dtype: weights dtype (auto: bfloat16 on GPU, float32 on CPU).
+    """
+    device, torch_dtype = _device_and_dtype(device, dtype)
+    options = {"max_regions": max_regions}
+    if proposer == "sam":
+        if sam_dir is None:
+            raise ValueError("--proposer sam needs --sam_dir (a local transformers SAM folder)")
+        options.update(model_dir=sam_dir, device=device)
+    region_proposer = build_proposer(proposer, **options)
+    pipeline = Pipeline.from_checkpoint(checkpoint, dtype=torch_dtype, device=device)
+    config = ScorerConfig(method=method, global_kind=global_kind, think=think,
+                          max_new_tokens_global=max_new_tokens_global, max_new_tokens_regions=max_new_tokens_regions)
+    written = score_rollouts(SelfScorer(pipeline, region_proposer, config), rollouts, out, batch_size)
+    log.info("wrote %d reward records to %s", written, out)
+
+
 COMMANDS = {
     "generate": generate,
+    "score": score,
     "model": {
         "params": model_params,
         "init": model_init,

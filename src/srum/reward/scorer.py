@@ -1,0 +1,149 @@
+"""Self-scoring: the model's understanding branch judges its own images, globally and per proposed region.
+
+Two ways to read a judgement, both recorded:
+
+- ``text``: the model answers the instruction in free text (greedy), a tolerant parser reads the score; a
+  failed parse is recorded as missing, never as 0.
+- ``expected``: the expected score under the model's own distribution over the candidate score strings
+  (``Score: -1.0`` ... ``Score: 1.0``), from one teacher-forced pass. It always yields a number and needs no
+  retries; multi-token numbers are scored whole (summed token log-probabilities).
+
+Boxes are given to the model in the frame it sees the image at (the understanding transform's size), and that
+size is stated in the instruction; records store them normalised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from srum.generation.pipeline import Pipeline
+from srum.generation.text import DecodingConfig
+from srum.reward.instructions import DEFAULT_INSTRUCTIONS, SCORE_PREFIX, ScoringInstructions, score_candidates
+from srum.reward.parsing import parse_number, parse_region_answer, parse_score_answer
+from srum.reward.proposals import Region, RegionProposer
+from srum.reward.records import RegionEntry, RewardRecord, Scores
+
+Method = Literal["text", "expected", "both"]
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    method: Method = "both"
+    """Which score kinds to compute: ``text``, ``expected`` or ``both``."""
+    global_kind: Literal["layout", "sample"] = "layout"
+    """The global instruction: the layout judgement (official) or the whole-image impression."""
+    think: bool = False
+    """Let the free-text answers reason inside think tags first (official: on)."""
+    max_new_tokens_global: int = 1024
+    """Decoding budget of the global free-text answer."""
+    max_new_tokens_regions: int = 4096
+    """Decoding budget of the region free-text answer."""
+    score_step: float = 0.1
+    """Spacing of the candidate score strings of the expected score."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("text", "expected", "both"):
+            raise ValueError(f"method: expected text, expected or both, got {self.method!r}")
+        if self.global_kind not in ("layout", "sample"):
+            raise ValueError(f"global_kind: expected layout or sample, got {self.global_kind!r}")
+
+
+def expected_scores(logprobs: Tensor, values: Tensor) -> Tensor:
+    """Expected score per row: candidates' log-probabilities (R, K) renormalised over the K candidates."""
+    return (torch.softmax(logprobs.float(), dim=-1) * values).sum(-1)
+
+
+def _scale_box(region: Region, scale_x: float, scale_y: float) -> list[int]:
+    """A box in another frame: the smallest integer box that covers it."""
+    x1, y1, x2, y2 = region.box
+    return [math.floor(x1 * scale_x), math.floor(y1 * scale_y), math.ceil(x2 * scale_x), math.ceil(y2 * scale_y)]
+
+
+class SelfScorer:
+    """Scores images with the same model that drew them."""
+
+    def __init__(self, pipeline: Pipeline, proposer: RegionProposer, config: ScorerConfig | None = None,
+                 instructions: ScoringInstructions = DEFAULT_INSTRUCTIONS) -> None:
+        self.pipeline, self.proposer = pipeline, proposer
+        self.config = config or ScorerConfig()
+        self.instructions = instructions
+        self.candidates = score_candidates(self.config.score_step)
+        self.candidate_values = torch.tensor([parse_number(c) for c in self.candidates])
+
+    def _global_instruction(self, prompt: str) -> str:
+        if self.config.global_kind == "sample":
+            return self.instructions.sample_instruction(prompt)
+        return self.instructions.global_instruction(prompt)
+
+    def _expected(self, images: list[Tensor], questions: list[str]) -> list[float]:
+        if not images:
+            return []
+        options = [[SCORE_PREFIX + c for c in self.candidates]] * len(images)
+        logprobs = torch.stack(self.pipeline.score(images, questions, options))  # (R, K)
+        return expected_scores(logprobs, self.candidate_values.to(logprobs.device)).tolist()
+
+    def _answers(self, images: list[Tensor], questions: list[str], budget: int) -> list[str]:
+        if not images:
+            return []
+        return self.pipeline.answer(images, questions, DecodingConfig(max_new_tokens=budget), think=self.config.think)
+
+    @torch.no_grad()
+    def score(self, images: list[Tensor], prompts: list[str], image_files: list[str],
+              prompt_ids: list[str | None] | None = None) -> list[RewardRecord]:
+        """Records for uint8 images (H, W, 3) drawn for ``prompts``."""
+        config, prompt_ids = self.config, prompt_ids or [None] * len(images)
+        pixels = [image.permute(2, 0, 1).float() / 127.5 - 1 for image in images]  # (3, H, W) in [-1, 1]
+        proposals = self.proposer.propose_batch(images)
+        frames = [self.pipeline.vit_frame(*image.shape[:2]) for image in images]
+        seen_boxes = [[_scale_box(region, frame[1] / image.shape[1], frame[0] / image.shape[0]) for region in regions]
+                      for image, frame, regions in zip(images, frames, proposals, strict=True)]
+        global_questions = [self._global_instruction(prompt) for prompt in prompts]
+
+        text_global: list[float | None] = [None] * len(images)
+        text_regions: list[dict[int, tuple[str, float]]] = [{} for _ in images]
+        answers: list[dict[str, str]] = [{} for _ in images]
+        if config.method in ("text", "both"):
+            for index, raw in enumerate(self._answers(pixels, global_questions, config.max_new_tokens_global)):
+                text_global[index] = parse_score_answer(raw).score
+                answers[index]["global"] = raw
+            with_regions = [i for i, boxes in enumerate(seen_boxes) if boxes]
+            region_questions = [self.instructions.region_instruction(prompts[i], seen_boxes[i], frames[i][1],
+                                                                     frames[i][0]) for i in with_regions]
+            raws = self._answers([pixels[i] for i in with_regions], region_questions, config.max_new_tokens_regions)
+            for index, raw in zip(with_regions, raws, strict=True):
+                parsed = parse_region_answer(raw, range(1, len(seen_boxes[index]) + 1))
+                text_regions[index] = {r.region_id: (r.object, r.score) for r in parsed.regions}
+                answers[index]["regions"] = raw
+
+        expected_global: list[float | None] = [None] * len(images)
+        expected_regions: list[list[float | None]] = [[None] * len(boxes) for boxes in seen_boxes]
+        if config.method in ("expected", "both"):
+            expected_global = self._expected(pixels, global_questions)
+            pairs = [(i, k) for i, boxes in enumerate(seen_boxes) for k in range(len(boxes))]
+            questions = [self.instructions.single_region_instruction(prompts[i], seen_boxes[i][k], frames[i][1],
+                                                                     frames[i][0]) for i, k in pairs]
+            for (i, k), value in zip(pairs, self._expected([pixels[i] for i, _ in pairs], questions), strict=True):
+                expected_regions[i][k] = value
+
+        records = []
+        for index, (image, regions) in enumerate(zip(images, proposals, strict=True)):
+            height, width = image.shape[:2]
+            entries = []
+            for k, region in enumerate(regions):
+                label, text_score = text_regions[index].get(k + 1, ("", None))
+                x1, y1, x2, y2 = region.box
+                entries.append(RegionEntry((x1 / width, y1 / height, x2 / width, y2 / height), label,
+                                           Scores(text=text_score, expected=expected_regions[index][k])))
+            records.append(RewardRecord(
+                image_file=image_files[index], good_image_file=image_files[index], prompt=prompts[index],
+                width=width, height=height, global_scores=Scores(text_global[index], expected_global[index]),
+                regions=tuple(entries), prompt_id=prompt_ids[index],
+                scorer={**asdict(config), "instructions": self.instructions.version,
+                        "proposer": type(self.proposer).__name__, "seen_frame": list(frames[index])},
+                answers=answers[index]))
+        return records
