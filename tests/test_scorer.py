@@ -1,0 +1,102 @@
+"""Self-scoring: the probability-weighted score agrees with the free-text score when the model is certain;
+``srum score`` writes valid, resumable records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from srum.cli import main
+from srum.generation.pipeline import Pipeline, resize_for_vit
+from srum.model.overfit import overfit
+from srum.model.packing import Text, VitImage, pack
+from srum.reward.instructions import DEFAULT_INSTRUCTIONS
+from srum.reward.proposals import GridProposer, WholeImageProposer
+from srum.reward.records import load_records
+from srum.reward.scorer import ScorerConfig, SelfScorer, expected_scores
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    main(["model", "init", "--preset", "tiny", "--out", str(folder), "--seed", "0"])
+    return folder
+
+
+def test_expected_score_is_the_renormalised_expectation():
+    logprobs = torch.log(torch.tensor([[0.1, 0.1, 0.3], [0.0, 0.5, 0.0]]).clamp(min=1e-30))
+    values = torch.tensor([-1.0, 0.0, 1.0])
+    torch.testing.assert_close(expected_scores(logprobs, values), torch.tensor([(0.3 - 0.1) / 0.5, 0.0]))
+
+
+def test_expected_score_agrees_with_the_text_score_when_the_model_is_certain(checkpoint):
+    """Teach a tiny model to answer the global instruction with one score, then read it both ways."""
+    pipeline = Pipeline.from_checkpoint(checkpoint)
+    image = (torch.rand(28, 42, 3) * 255).to(torch.uint8)
+    prompt = "a red cube left of a blue ball"
+    question = DEFAULT_INSTRUCTIONS.global_instruction(prompt)
+    answer = "Score: 0.7\nReason: the cube is left of the ball."
+    pixels = resize_for_vit(image.permute(2, 0, 1).float() / 127.5 - 1, *pipeline.vit_transform)
+    batch = pack([[VitImage(pixels), Text(pipeline.encode(question)), Text(pipeline.encode(answer), loss=True)]],
+                 pipeline.model.config, pipeline.special)
+    losses = overfit(pipeline.model, batch, steps=60, lr=3e-3)
+    assert losses[-1] < 0.05 * losses[0]
+    pipeline.model.eval()
+
+    scorer = SelfScorer(pipeline, WholeImageProposer(), ScorerConfig(max_new_tokens_global=24,
+                                                                      max_new_tokens_regions=4))
+    (record,) = scorer.score([image], [prompt], ["x.png"])
+    assert record.global_scores.text == pytest.approx(0.7)
+    assert record.global_scores.expected == pytest.approx(0.7, abs=0.02)
+    assert len(pipeline.encode("Score: 0.7")) > 2  # the number spans several BPE tokens
+
+
+def _rollouts(checkpoint, folder):
+    prompts = folder / "prompts.txt"
+    prompts.write_text("a red cube\ntwo blue balls\n")
+    main(["generate", "--checkpoint", str(checkpoint), "--prompts", str(prompts), "--out", str(folder / "gen"),
+          "--steps", "3", "--height", "16", "--width", "24", "--device", "cpu"])
+    return folder / "gen"
+
+
+def test_score_command_writes_valid_resumable_records(checkpoint, tmp_path, caplog):
+    rollouts = _rollouts(checkpoint, tmp_path)
+    out = tmp_path / "scores.jsonl"
+    command = ["score", "--checkpoint", str(checkpoint), "--rollouts", str(rollouts), "--out", str(out),
+               "--proposer", "grid", "--max_new_tokens_global", "4", "--max_new_tokens_regions", "8",
+               "--device", "cpu"]
+    main(command)
+    records = load_records(out, image_dir=rollouts).records
+    assert [r.image_file for r in records] == ["1_0.png", "2_0.png"]
+    for record in records:
+        assert (record.width, record.height) == (24, 16) and len(record.regions) == 4
+        assert all(r.scores.expected is not None and -1 <= r.scores.expected <= 1 for r in record.regions)
+        assert record.scorer["proposer"] == "GridProposer" and record.scorer["instructions"]
+        assert all(0 <= c <= 1 for r in record.regions for c in r.box)
+    before = out.read_bytes()
+    main(command)
+    assert out.read_bytes() == before
+
+    (rollouts / "2_0.png").unlink()
+    lines = out.read_text().splitlines()
+    out.write_text(lines[0] + "\n")
+    with caplog.at_level("WARNING"):
+        main(command)
+    assert "2_0.png is missing" in caplog.text
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_text_only_and_expected_only_methods(checkpoint):
+    pipeline = Pipeline.from_checkpoint(checkpoint)
+    image = (torch.rand(16, 24, 3) * 255).to(torch.uint8)
+    text_only = SelfScorer(pipeline, GridProposer(1, 2), ScorerConfig(method="text", max_new_tokens_global=2,
+                                                                      max_new_tokens_regions=2))
+    (record,) = text_only.score([image], ["a cat"], ["a.png"])
+    assert record.global_scores.expected is None and all(r.scores.expected is None for r in record.regions)
+    assert "global" in record.answers and "regions" in record.answers
+    expected_only = SelfScorer(pipeline, GridProposer(1, 2), ScorerConfig(method="expected"))
+    (record,) = expected_only.score([image], ["a cat"], ["a.png"])
+    assert record.answers == {} and record.global_scores.expected is not None
+    json.dumps(record.to_srum())
