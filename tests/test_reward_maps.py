@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import srum.reward.maps as maps
 from srum.reward.maps import MapConfig, ScoredRegions, pixel_maps, sample_map, token_rewards
 
 
@@ -129,3 +130,16 @@ def test_no_regions_and_missing_global():
     regions = ScoredRegions.from_lists([0.6, 0.0], [[], []], [[], []], [(4, 4), (4, 4)])
     maps = pixel_maps(regions, 4, 4)
     assert torch.allclose(maps[0], torch.full((4, 4), 0.4)) and torch.allclose(maps[1], torch.full((4, 4), 0.25))
+
+
+@pytest.mark.parametrize("rule", ["max_floor", "signed"])
+def test_bitmask_painting_equals_the_dense_membership_path(monkeypatch, rule):
+    generator = torch.Generator().manual_seed(4)
+    globals_, boxes, scores, sizes = _random_regions(generator, 12, (40, 30))
+    scores[0] = [0.5, -0.5, 0.2, -0.5]  # magnitude ties between signs, all on one box
+    boxes[0] = [[0, 0, 20, 20]] * 4
+    regions = ScoredRegions.from_lists(globals_, boxes, scores, sizes)
+    config = MapConfig(rule=rule)
+    fast = pixel_maps(regions, 30, 40, config)
+    monkeypatch.setattr(maps, "MAX_BITMASK_BOXES", 0)
+    torch.testing.assert_close(fast, pixel_maps(regions, 30, 40, config), rtol=0, atol=0)

@@ -104,6 +104,9 @@ def _global_factor(regions: ScoredRegions, config: MapConfig) -> Tensor:
     return (regions.global_scores + 1) / 2
 
 
+MAX_BITMASK_BOXES = 52  # box sets are packed into the bits of one int64 and read back through float64 log2
+
+
 def grid_values(regions: ScoredRegions, config: MapConfig, ys: Tensor, xs: Tensor, heights: Tensor,
                 widths: Tensor) -> Tensor:
     """Map values on a grid of pixel rows x columns of frames (heights, widths) (B,).
@@ -120,21 +123,50 @@ def grid_values(regions: ScoredRegions, config: MapConfig, ys: Tensor, xs: Tenso
     x1, y1, x2, y2 = (c[:, None, :] for c in boxes.unbind(-1))  # (B, 1, K)
     in_rows = (ys[..., None] >= y1) & (ys[..., None] < y2)  # (B, R, K)
     in_cols = (xs[..., None] >= x1) & (xs[..., None] < x2)  # (B, C, K)
-    inside = in_rows[:, :, None, :] & in_cols[:, None, :, :]  # (B, R, C, K)
     if config.ablation == "global_only":
-        inside = torch.zeros_like(inside)
-    scores = regions.scores.float()[:, None, None, :]  # (B, 1, 1, K)
+        in_rows = torch.zeros_like(in_rows)
+    scores = regions.scores.float()
+    if config.rule == "mean" or scores.shape[1] > MAX_BITMASK_BOXES:
+        painted = _paint_dense(in_rows, in_cols, scores, config)
+    else:
+        painted = _paint_first_cover(in_rows, in_cols, scores, config)
+    return painted * _global_factor(regions, config).float()[:, None, None]
+
+
+def _paint_dense(in_rows: Tensor, in_cols: Tensor, scores: Tensor, config: MapConfig) -> Tensor:
+    """Any rule, from the (B, R, C, K) membership tensor."""
+    inside = in_rows[:, :, None, :] & in_cols[:, None, :, :]  # (B, R, C, K)
+    scores = scores[:, None, None, :]  # (B, 1, 1, K)
     if config.rule == "max_floor":
-        painted = torch.where(inside, (scores + 1) / 2, 0.5).amax(-1).clamp(min=0.5)
-    elif config.rule == "mean":
+        return torch.where(inside, (scores + 1) / 2, 0.5).amax(-1).clamp(min=0.5)
+    if config.rule == "mean":
         covered = inside.sum(-1)
         total = torch.where(inside, (scores + 1) / 2, 0.0).sum(-1)
-        painted = torch.where(covered > 0, total / covered.clamp(min=1), 0.5)
-    else:  # signed: the covering score of largest magnitude (ties: the higher score); background 0
-        magnitude = torch.where(inside, scores.abs() + 1e-6 * scores, -1.0)
-        chosen = torch.gather(scores.expand_as(magnitude), -1, magnitude.argmax(-1, keepdim=True)).squeeze(-1)
-        painted = torch.where(inside.any(-1), chosen, 0.0)
-    return painted * _global_factor(regions, config).float()[:, None, None]
+        return torch.where(covered > 0, total / covered.clamp(min=1), 0.5)
+    magnitude = torch.where(inside, scores.abs() + 1e-6 * scores, -1.0)  # ties: the higher score
+    chosen = torch.gather(scores.expand_as(magnitude), -1, magnitude.argmax(-1, keepdim=True)).squeeze(-1)
+    return torch.where(inside.any(-1), chosen, 0.0)
+
+
+def _paint_first_cover(in_rows: Tensor, in_cols: Tensor, scores: Tensor, config: MapConfig) -> Tensor:
+    """``max_floor`` and ``signed`` pick one covering box per pixel, the first in an order of preference; with
+    the boxes sorted that way, each row's and column's box set is a bitmask and a pixel's first covering box is
+    the lowest set bit of (row mask & column mask): one int64 per pixel instead of K membership flags."""
+    if config.rule == "max_floor":
+        values, background = (scores + 1) / 2, 0.5
+        order = values.argsort(dim=-1, descending=True, stable=True)
+    else:  # signed: largest magnitude first, ties to the higher score
+        values, background = scores, 0.0
+        order = (scores.abs() + 1e-6 * scores).argsort(dim=-1, descending=True, stable=True)
+    values = torch.gather(values, 1, order)  # (B, K) in preference order
+    bits = torch.ones(scores.shape[1], dtype=torch.long) << torch.arange(scores.shape[1])  # (K,)
+    row_masks = (torch.gather(in_rows, 2, order[:, None, :].expand_as(in_rows)).long() * bits).sum(-1)  # (B, R)
+    col_masks = (torch.gather(in_cols, 2, order[:, None, :].expand_as(in_cols)).long() * bits).sum(-1)  # (B, C)
+    cover = row_masks[:, :, None] & col_masks[:, None, :]  # (B, R, C)
+    first = torch.log2((cover & -cover).double()).round().long().clamp(min=0)  # index of the lowest set bit
+    chosen = torch.gather(values, 1, first.flatten(1)).view_as(first)
+    painted = torch.where(cover != 0, chosen, background)
+    return painted.clamp(min=0.5) if config.rule == "max_floor" else painted
 
 
 def pixel_maps(regions: ScoredRegions, height: int, width: int, config: MapConfig = MapConfig()) -> Tensor:
