@@ -100,3 +100,17 @@ def test_text_only_and_expected_only_methods(checkpoint):
     (record,) = expected_only.score([image], ["a cat"], ["a.png"])
     assert record.answers == {} and record.global_scores.expected is not None
     json.dumps(record.to_srum())
+
+
+def test_instructions_file_replaces_templates(tmp_path):
+    from srum.reward.instructions import read_instructions
+
+    path = tmp_path / "instructions.yaml"
+    path.write_text("global_template: |\n  Judge the layout of '{prompt}'. Answer 'Score: <number>'.\n")
+    instructions = read_instructions(path)
+    assert instructions.global_instruction("a cat").startswith("Judge the layout of 'a cat'")
+    assert instructions.version != DEFAULT_INSTRUCTIONS.version
+    assert instructions.region_template == DEFAULT_INSTRUCTIONS.region_template
+    path.write_text("global_template: 'no prompt field here'\n")
+    with pytest.raises(ValueError, match=r"instructions.yaml: .*global_template"):
+        read_instructions(path)

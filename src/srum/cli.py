@@ -25,6 +25,7 @@ from srum.model.overfit import overfit
 from srum.model.packing import pack
 from srum.model.synthetic import SampleFactory, special_tokens_for
 from srum.model.tokenizer import build_small_tokenizer
+from srum.reward.instructions import DEFAULT_INSTRUCTIONS, read_instructions
 from srum.reward.proposals import build_proposer
 from srum.reward.rollouts import score_rollouts
 from srum.reward.scorer import Method, ScorerConfig, SelfScorer
@@ -162,8 +163,9 @@ def generate(checkpoint: Path, prompts: Path, out: Path, steps: int = 50, cfg_te
 def score(checkpoint: Path, rollouts: Path, out: Path, proposer: Literal["components", "grid", "whole", "sam"]
           = "components", max_regions: int = 10, sam_dir: Path | None = None, method: Method = "both",
           global_kind: Literal["layout", "sample"] = "layout", think: bool = False,
-          max_new_tokens_global: int = 1024, max_new_tokens_regions: int = 4096, batch_size: int = 4,
-          device: str | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto") -> None:
+          max_new_tokens_global: int = 1024, max_new_tokens_regions: int = 4096, instructions: Path | None = None,
+          batch_size: int = 4, device: str | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+          ) -> None:
     """Self-score every image of a ``srum generate`` folder: propose regions, score them and the whole image
     with the same model, append one reward record per image to OUT; re-running skips what is done.
 
@@ -179,6 +181,8 @@ def score(checkpoint: Path, rollouts: Path, out: Path, proposer: Literal["compon
         think: let free-text answers reason in think tags first.
         max_new_tokens_global: decoding budget of the global answer.
         max_new_tokens_regions: decoding budget of the region answer.
+        instructions: YAML or JSON file replacing scoring templates (global_template, region_template,
+            single_region_template, sample_template, version); the rest keep srum's wording.
         batch_size: images scored together.
         device: cuda or cpu (default: cuda when available).
         dtype: weights dtype (auto: bfloat16 on GPU, float32 on CPU).
@@ -193,7 +197,8 @@ def score(checkpoint: Path, rollouts: Path, out: Path, proposer: Literal["compon
     pipeline = Pipeline.from_checkpoint(checkpoint, dtype=torch_dtype, device=device)
     config = ScorerConfig(method=method, global_kind=global_kind, think=think,
                           max_new_tokens_global=max_new_tokens_global, max_new_tokens_regions=max_new_tokens_regions)
-    written = score_rollouts(SelfScorer(pipeline, region_proposer, config), rollouts, out, batch_size)
+    templates = read_instructions(instructions) if instructions else DEFAULT_INSTRUCTIONS
+    written = score_rollouts(SelfScorer(pipeline, region_proposer, config, templates), rollouts, out, batch_size)
     log.info("wrote %d reward records to %s", written, out)
 
 

@@ -20,7 +20,10 @@ import operator
 import string
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 SCORE_PREFIX = "Score: "
 """How every single-score answer starts; probability-weighted scoring appends each of ``score_candidates()``."""
@@ -272,3 +275,19 @@ def score_candidates(step: float = 0.1) -> list[str]:
     exact = Decimal(str(step))
     places = Decimal(1).scaleb(min(exact.as_tuple().exponent, -1))
     return [str((Decimal(-1) + i * exact).quantize(places)) for i in range(int(2 / exact) + 1)]
+
+
+def read_instructions(path: str | Path) -> ScoringInstructions:
+    """Scoring instructions from a YAML (or JSON) mapping of template names to texts; unnamed ones keep the
+    defaults."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"{path}: cannot read scoring instructions ({error})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ValueError(f"{path}: expected a mapping of template names to strings")
+    try:
+        return ScoringInstructions.from_dict(data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None

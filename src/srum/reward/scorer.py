@@ -58,10 +58,15 @@ def expected_scores(logprobs: Tensor, values: Tensor) -> Tensor:
     return (torch.softmax(logprobs.float(), dim=-1) * values).sum(-1)
 
 
-def _scale_box(region: Region, scale_x: float, scale_y: float) -> list[int]:
-    """A box in another frame: the smallest integer box that covers it."""
+def _scale_box(region: Region, image_size: tuple[int, int], frame: tuple[int, int]) -> list[int]:
+    """A box of an image (height, width) in another frame (height, width): the smallest integer box that covers
+    it, inside the frame."""
+    (height, width), (frame_height, frame_width) = image_size, frame
     x1, y1, x2, y2 = region.box
-    return [math.floor(x1 * scale_x), math.floor(y1 * scale_y), math.ceil(x2 * scale_x), math.ceil(y2 * scale_y)]
+    sx, sy = frame_width / width, frame_height / height
+    left, top = min(math.floor(x1 * sx), frame_width - 1), min(math.floor(y1 * sy), frame_height - 1)
+    return [left, top, min(max(math.ceil(x2 * sx), left + 1), frame_width),
+            min(max(math.ceil(y2 * sy), top + 1), frame_height)]
 
 
 class SelfScorer:
@@ -100,7 +105,7 @@ class SelfScorer:
         pixels = [image.permute(2, 0, 1).float() / 127.5 - 1 for image in images]  # (3, H, W) in [-1, 1]
         proposals = self.proposer.propose_batch(images)
         frames = [self.pipeline.vit_frame(*image.shape[:2]) for image in images]
-        seen_boxes = [[_scale_box(region, frame[1] / image.shape[1], frame[0] / image.shape[0]) for region in regions]
+        seen_boxes = [[_scale_box(region, tuple(image.shape[:2]), frame) for region in regions]
                       for image, frame, regions in zip(images, frames, proposals, strict=True)]
         global_questions = [self._global_instruction(prompt) for prompt in prompts]
 
