@@ -50,6 +50,9 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.version = 0
+        """Counts writes, so a read-only attention (denoising) can be reused until the cache changes."""
+        self._read_only: tuple[tuple, CachedAttention] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -63,6 +66,7 @@ class KVCache:
         copy.keys = [k[rows, :longest].clone() for k in self.keys]
         copy.values = [v[rows, :longest].clone() for v in self.values]
         copy.lengths, copy.positions = self.lengths[rows].clone(), self.positions[rows].clone()
+        copy.version, copy._read_only = 0, None
         return copy
 
     def _reserve(self, needed: int) -> None:
@@ -77,13 +81,22 @@ class KVCache:
                 store[index] = new
 
     def attention(self, query_lens: Tensor, causal: bool, update: bool) -> CachedAttention:
-        """The ``Attend`` of one forward whose queries (``query_lens`` per context, packed) follow each context."""
-        return CachedAttention(self, _Padding.of(query_lens), causal, update)
+        """The ``Attend`` of one forward whose queries (``query_lens`` per context, packed) follow each context.
+
+        A read-only attention is kept and reused while the cache and the query shape stay the same: the
+        denoising steps of one image share their masks and padding."""
+        if update:
+            return CachedAttention(self, _Padding.of(query_lens), causal, update)
+        key = (self.version, causal, tuple(query_lens.tolist()))
+        if self._read_only is None or self._read_only[0] != key:
+            self._read_only = (key, CachedAttention(self, _Padding.of(query_lens), causal, update=False))
+        return self._read_only[1]
 
     def advance(self, query_lens: Tensor, position_steps: Tensor) -> None:
         """Account for a forward that wrote ``query_lens`` tokens and moved the position ids by ``position_steps``."""
         self.lengths += query_lens
         self.positions += position_steps
+        self.version += 1
 
 
 class CachedAttention:
@@ -108,7 +121,10 @@ class CachedAttention:
         mask = torch.cat([cache_visible[:, None, :].expand(-1, longest, -1),
                           new_visible.expand(-1, longest, -1)], dim=2)  # (B, Lq, C + Lq)
         padded_query = rows[None] >= padding.query_lens[:, None, None]  # (B, Lq, 1): outputs discarded
-        self.mask = (mask | padded_query)[:, None]  # (B, 1, Lq, C + Lq)
+        allowed = (mask | padded_query)[:, None]  # (B, 1, Lq, C + Lq)
+        # Additive form: SDPA converts a boolean mask to this on every call, i.e. on every layer.
+        self.mask = torch.zeros(allowed.shape, dtype=cache.keys[0].dtype, device=device).masked_fill_(
+            ~allowed, float("-inf"))
         if update:
             cache._reserve(int((cache.lengths + padding.query_lens).max()))
 

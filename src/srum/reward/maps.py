@@ -60,17 +60,14 @@ class ScoredRegions:
     @classmethod
     def from_lists(cls, global_scores: list[float], boxes: list[list[list[float]]], scores: list[list[float]],
                    sizes: list[tuple[int, int]]) -> ScoredRegions:
-        count, most = len(global_scores), max((len(b) for b in boxes), default=0) or 1  # K >= 1: reductions
-        padded_boxes = torch.zeros(count, most, 4, dtype=torch.float64)
-        padded_scores = torch.zeros(count, most, dtype=torch.float64)
-        valid = torch.zeros(count, most, dtype=torch.bool)
-        for row, (image_boxes, image_scores) in enumerate(zip(boxes, scores, strict=True)):
-            if image_boxes:
-                padded_boxes[row, : len(image_boxes)] = torch.tensor(image_boxes, dtype=torch.float64)
-                padded_scores[row, : len(image_scores)] = torch.tensor(image_scores, dtype=torch.float64)
-                valid[row, : len(image_boxes)] = True
-        return cls(padded_boxes, padded_scores, valid, torch.tensor(global_scores, dtype=torch.float64),
-                   torch.tensor(sizes, dtype=torch.float64))
+        most = max((len(b) for b in boxes), default=0) or 1  # K >= 1 keeps the reductions defined
+        padded_boxes = [list(b) + [[0.0, 0.0, 0.0, 0.0]] * (most - len(b)) for b in boxes]
+        padded_scores = [list(s) + [0.0] * (most - len(s)) for s in scores]
+        valid = [[True] * len(b) + [False] * (most - len(b)) for b in boxes]
+        return cls(torch.tensor(padded_boxes, dtype=torch.float64).reshape(len(boxes), most, 4),
+                   torch.tensor(padded_scores, dtype=torch.float64).reshape(len(boxes), most),
+                   torch.tensor(valid, dtype=torch.bool).reshape(len(boxes), most),
+                   torch.tensor(global_scores, dtype=torch.float64), torch.tensor(sizes, dtype=torch.float64))
 
     def __len__(self) -> int:
         return int(self.global_scores.shape[0])
@@ -104,7 +101,7 @@ def _global_factor(regions: ScoredRegions, config: MapConfig) -> Tensor:
     return (regions.global_scores + 1) / 2
 
 
-MAX_BITMASK_BOXES = 52  # box sets are packed into the bits of one int64 and read back through float64 log2
+MAX_BITMASK_BOXES = 16  # box sets index a per-image table of 2**K values
 
 
 def grid_values(regions: ScoredRegions, config: MapConfig, ys: Tensor, xs: Tensor, heights: Tensor,
@@ -149,9 +146,11 @@ def _paint_dense(in_rows: Tensor, in_cols: Tensor, scores: Tensor, config: MapCo
 
 
 def _paint_first_cover(in_rows: Tensor, in_cols: Tensor, scores: Tensor, config: MapConfig) -> Tensor:
-    """``max_floor`` and ``signed`` pick one covering box per pixel, the first in an order of preference; with
-    the boxes sorted that way, each row's and column's box set is a bitmask and a pixel's first covering box is
-    the lowest set bit of (row mask & column mask): one int64 per pixel instead of K membership flags."""
+    """``max_floor`` and ``signed`` pick one covering box per pixel, the first in an order of preference. With
+    the boxes sorted that way, each row's and column's box set is a bitmask, a pixel's set is (row mask & column
+    mask), and a per-image table over all 2**K sets gives the value: one integer and one lookup per pixel
+    instead of K membership flags."""
+    count, boxes = scores.shape
     if config.rule == "max_floor":
         values, background = (scores + 1) / 2, 0.5
         order = values.argsort(dim=-1, descending=True, stable=True)
@@ -159,13 +158,14 @@ def _paint_first_cover(in_rows: Tensor, in_cols: Tensor, scores: Tensor, config:
         values, background = scores, 0.0
         order = (scores.abs() + 1e-6 * scores).argsort(dim=-1, descending=True, stable=True)
     values = torch.gather(values, 1, order)  # (B, K) in preference order
-    bits = torch.ones(scores.shape[1], dtype=torch.long) << torch.arange(scores.shape[1])  # (K,)
-    row_masks = (torch.gather(in_rows, 2, order[:, None, :].expand_as(in_rows)).long() * bits).sum(-1)  # (B, R)
-    col_masks = (torch.gather(in_cols, 2, order[:, None, :].expand_as(in_cols)).long() * bits).sum(-1)  # (B, C)
-    cover = row_masks[:, :, None] & col_masks[:, None, :]  # (B, R, C)
-    first = torch.log2((cover & -cover).double()).round().long().clamp(min=0)  # index of the lowest set bit
-    chosen = torch.gather(values, 1, first.flatten(1)).view_as(first)
-    painted = torch.where(cover != 0, chosen, background)
+    bits = 1 << torch.arange(boxes)  # (K,) int64: the box sets index the table directly
+    row_masks = (torch.gather(in_rows, 2, order[:, None, :].expand_as(in_rows)) * bits).sum(-1)  # (B, R)
+    col_masks = (torch.gather(in_cols, 2, order[:, None, :].expand_as(in_cols)) * bits).sum(-1)  # (B, C)
+    cover = row_masks[:, :, None] & col_masks[:, None, :]  # (B, R, C) box sets
+    sets = torch.arange(1 << boxes)
+    first = torch.log2((sets & -sets).double().clamp(min=1)).long()  # lowest set bit of every set (2**K,)
+    table = torch.where(sets == 0, background, values[:, first])  # (B, 2**K)
+    painted = torch.gather(table, 1, cover.flatten(1)).view(cover.shape)
     return painted.clamp(min=0.5) if config.rule == "max_floor" else painted
 
 
@@ -193,9 +193,11 @@ def token_rewards(regions: ScoredRegions, frames: list[tuple[int, int]], grids: 
     values = grid_values(regions, config, rows_px.reshape(count, -1), cols_px.reshape(count, -1), heights, widths)
     rows, cols = rows_px.shape[1], cols_px.shape[1]
     values = values.reshape(count, rows, 2, cols, 2)
-    # Bilinear interpolation of the float32 map, with PyTorch's float32 weights.
-    sampled = torch.einsum("brpcq,brp,bcq->brc", values, row_w.float(), col_w.float())  # (B, R, C)
-    return sampled.reshape(count, -1)[real]  # row-major, image after image
+    # Bilinear interpolation of the float32 map, with PyTorch's float32 weights: columns, then rows.
+    col_w, row_w = col_w.float()[:, None, None], row_w.float()[..., None]  # (B, 1, 1, C, 2), (B, R, 2, 1)
+    across = values[..., 0] * col_w[..., 0] + values[..., 1] * col_w[..., 1]  # (B, R, 2, C)
+    sampled = (across[:, :, 0] * row_w[:, :, 0] + across[:, :, 1] * row_w[:, :, 1]).reshape(count, -1)  # (B, R*C)
+    return sampled.flatten() if bool(real.all()) else sampled[real]  # row-major, image after image
 
 
 def sample_map(reward_map: Tensor, rows: int, cols: int) -> Tensor:
