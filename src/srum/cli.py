@@ -213,9 +213,34 @@ COMMANDS = {
 }
 
 
+def _overview() -> str:
+    lines = ["usage: srum COMMAND [options]   (srum COMMAND --help for a command's options)", "", "commands:"]
+    from srum.train.cli import LIGHTNING_COMMANDS
+
+    entries = dict(LIGHTNING_COMMANDS)
+    for name, command in COMMANDS.items():
+        if callable(command):
+            entries[name] = (command.__doc__ or "").strip().split("\n")[0]
+        else:
+            for sub, function in command.items():
+                entries[f"{name} {sub}"] = (function.__doc__ or "").strip().split("\n")[0]
+    width = max(len(name) for name in entries)
+    return "\n".join(lines + [f"  {name.ljust(width)}  {text}" for name, text in entries.items()])
+
+
 def main(args: list[str] | None = None) -> None:
+    explicit = args is not None
+    args = list(args) if explicit else sys.argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args or args[0] in ("-h", "--help"):
+        print(_overview())  # noqa: T201 - the program's own help text
+        return
     try:
+        if args[0] in ("fit", "validate", "test", "predict"):
+            from srum.train.cli import run_lightning
+
+            run_lightning(args if explicit else None)
+            return
         CLI(COMMANDS, args=args, as_positional=False)
     except ValueError as error:
         raise SystemExit(f"srum: error: {error}") from None

@@ -1,0 +1,1 @@
+"""Training with Lightning: the SRUM LightningModule, its data, parallelism, callbacks and export."""

@@ -1,0 +1,23 @@
+"""The Lightning half of the ``srum`` program: ``fit``, ``validate``, ``test`` and ``predict`` through
+LightningCLI, configured by YAML files in ``configs/``."""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+from srum.train.data import SRUMDataModule
+from srum.train.module import SRUMModule
+
+LIGHTNING_COMMANDS = {
+    "fit": "Train: online (rollouts, self-scoring and the constrained loss in each step) or offline (records).",
+    "validate": "Self-reward of fresh rollouts on the validation prompts.",
+    "test": "Self-reward of fresh rollouts on the test prompts.",
+    "predict": "Judged candidates (reward records) for prompts.",
+}
+
+
+def run_lightning(args: list[str] | None) -> LightningCLI:
+    """LightningCLI over ``args`` (None: the command line)."""
+    return LightningCLI(SRUMModule, SRUMDataModule, args=args, save_config_kwargs={"overwrite": True},
+                        trainer_defaults={"callbacks": [RichProgressBar()]}, parser_kwargs={"prog": "srum"})

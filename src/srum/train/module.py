@@ -1,0 +1,385 @@
+"""``SRUMModule``: the unified model trained on its own rewarded generations.
+
+Online mode runs the whole loop in ``training_step``: draw K images per prompt with the current weights (no
+grad, eval mode), propose regions, self-score with the same model, turn the scores into per-token reward maps
+and take a step on the constrained dense-reward flow loss. Offline mode takes the same step on reward records
+written by ``srum generate`` + ``srum score`` (or official SRUM records).
+
+Optimisation is manual so that a step whose loss or gradient is not finite can be skipped, counted and logged
+while training goes on. Everything random in a step is seeded from (seed, batch index, rank), so a resumed run
+repeats exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from srum.generation.pipeline import Pipeline
+from srum.generation.prompts import Prompt
+from srum.generation.sampler import SamplerConfig
+from srum.generation.text import DecodingConfig
+from srum.loss import LossConfig, dense_reward_flow_loss
+from srum.model.bagel import Bagel
+from srum.model.checkpoint import load_checkpoint
+from srum.model.flow import logit_normal_timesteps
+from srum.model.packing import Text, VaeImage, pack
+from srum.model.tokenizer import load_tokenizer
+from srum.reward.maps import MapConfig, token_rewards
+from srum.reward.proposals import build_proposer
+from srum.reward.records import RewardRecord, ScoreKind, scored_regions
+from srum.reward.rollouts import read_image
+from srum.reward.scorer import ScorerConfig, SelfScorer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How online candidates are drawn."""
+
+    images_per_prompt: int = 1
+    """K candidates per prompt, each from its own seed."""
+    height: int = 1024
+    """Image height in pixels."""
+    width: int = 1024
+    """Image width in pixels."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """Sampler and guidance settings of the rollouts."""
+    think: bool = False
+    """Plan in text before drawing."""
+    max_think_tokens: int = 1000
+    """Plan length limit."""
+    updates_per_rollout: int = 1
+    """Optimizer steps taken on one rollout (each with fresh timesteps and noise)."""
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How online candidates are judged."""
+
+    proposer: Literal["components", "grid", "whole", "sam"] = "components"
+    """Region proposer."""
+    max_regions: int = 10
+    """Regions kept per image, largest first."""
+    sam_dir: str | None = None
+    """Local transformers SAM folder (proposer sam)."""
+    scorer: ScorerConfig = field(default_factory=lambda: ScorerConfig(method="expected"))
+    """Scorer settings (expected scores need no decoding: the fast default online)."""
+    score_kind: ScoreKind = "expected"
+    """Which score kind becomes the reward: expected (probability-weighted) or text (parsed answers)."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-5
+    """Peak learning rate (the official SRUM recipe)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-15
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0 (step 0 uses lr 0), then constant."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+
+
+@dataclass
+class StepSamples:
+    """What one update trains on: per image the prompt, the clean latent (C, h, w) and the token reward map."""
+
+    prompts: list[str]
+    latents: list[Tensor]
+    reward_maps: list[Tensor]
+    records: list[RewardRecord]
+
+
+def _warmup(warmup_steps: int):
+    return lambda step: min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+class SRUMModule(L.LightningModule):
+    """The unified model, its frozen autoencoder and (for ``loss.constraint: reference``) a frozen reference copy.
+
+    Args:
+        checkpoint: checkpoint folder in the official layout (model, autoencoder, tokenizer).
+        mode: ``online`` (rollouts inside each step, from a prompt file) or ``offline`` (reward records).
+        trainable: ``all`` language-model weights and adapters (official), or ``generation`` expert only.
+        loss: the constrained dense-reward loss.
+        reward_map: how scores become maps.
+        rollout: online candidate drawing.
+        scoring: online judging.
+        optim: optimizer and schedule.
+        text_dropout: probability of training a sample without its prompt (for CFG).
+        timestep_shift: training timestep shift (1: logit-normal t as is).
+        reward_dropped_text: weight text-dropped samples by their reward too (official); otherwise weight 1.
+        ema_decay: keep an exponential moving average of the trained weights with this decay (None: off).
+        activation_checkpointing: recompute each decoder layer in backward (with the FSDP2 strategy).
+        seed: seed of everything random in a step, with the batch index and rank.
+    """
+
+    def __init__(self, checkpoint: Path, mode: Literal["online", "offline"] = "online",
+                 trainable: Literal["all", "generation"] = "all", loss: LossConfig = LossConfig(),
+                 reward_map: MapConfig = MapConfig(), rollout: RolloutConfig = RolloutConfig(),
+                 scoring: ScoringConfig = ScoringConfig(), optim: OptimConfig = OptimConfig(),
+                 text_dropout: float = 0.1, timestep_shift: float = 1.0, reward_dropped_text: bool = True,
+                 ema_decay: float | None = None, activation_checkpointing: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        if mode not in ("online", "offline"):
+            raise ValueError(f"mode: expected online or offline, got {mode!r}")
+        if not 0 <= text_dropout < 1:
+            raise ValueError(f"text_dropout: expected a probability in [0, 1), got {text_dropout}")
+        self.checkpoint, self.mode, self.trainable = Path(checkpoint), mode, trainable
+        self.loss_config, self.map_config = loss, reward_map
+        self.rollout, self.scoring, self.optim = rollout, scoring, optim
+        self.text_dropout, self.timestep_shift = text_dropout, timestep_shift
+        self.reward_dropped_text, self.ema_decay = reward_dropped_text, ema_decay
+        self.activation_checkpointing, self.seed = activation_checkpointing, seed
+        self.automatic_optimization = False
+        self.model: Bagel | None = None
+        self.skipped_steps = 0
+
+    # ----------------------------------------------------------------------------------------------- building
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        loaded = load_checkpoint(self.checkpoint)
+        self.model = loaded.model
+        self.autoencoder = loaded.autoencoder.requires_grad_(False)
+        self.tokenizer, self.special = load_tokenizer(self.checkpoint)
+        self._set_trainable(self.model)
+        if self.loss_config.constraint == "reference":
+            self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if self.device_mesh is not None:
+            from srum.train.parallel import parallelize
+
+            parallelize(self, self.device_mesh)
+        if self.ema_decay is not None:  # after sharding: the averages are sharded like the weights
+            self.ema = torch.nn.ParameterDict({
+                name.replace(".", "/"): torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                for name, p in self.model.named_parameters() if p.requires_grad})
+        self.pipeline = Pipeline(self.model, self.autoencoder, self.tokenizer, self.special)
+        self.model.train()  # the pipeline puts it in eval mode; rollouts switch modes themselves
+        self.scorer = SelfScorer(self.pipeline, self._proposer(), self.scoring.scorer) if self.mode == "online" \
+            else None
+
+    def _set_trainable(self, model: Bagel) -> None:
+        """The vision encoder and connector stay frozen; the sin-cos tables are buffers."""
+        model.requires_grad_(False)
+        for name, parameter in model.named_parameters():
+            if name.startswith(("vit_model.", "connector.")):
+                continue
+            generation = "moe_gen" in name or name.startswith(("time_embedder.", "vae2llm.", "llm2vae."))
+            parameter.requires_grad_(self.trainable == "all" or generation)
+
+    def _proposer(self):
+        options: dict[str, Any] = {"max_regions": self.scoring.max_regions}
+        if self.scoring.proposer == "sam":
+            options.update(model_dir=self.scoring.sam_dir, device=self.device)
+        return build_proposer(self.scoring.proposer, **options)
+
+    def configure_optimizers(self):
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps,
+                                      weight_decay=self.optim.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(self.optim.warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------------------- samples
+
+    def _generator(self, index: int, purpose: int) -> torch.Generator:
+        digest = hashlib.sha256(f"{self.seed}/{index}/{self.global_rank}/{purpose}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+    @torch.no_grad()
+    def rollout_and_score(self, prompts: list[Prompt], index: int) -> tuple[StepSamples, dict[str, float]]:
+        """K candidates per prompt drawn and judged by the current model; returns them and timing."""
+        self.model.eval()
+        k = self.rollout.images_per_prompt
+        texts = [p.text for p in prompts for _ in range(k)]
+        seeds = torch.randint(0, 2**62, (len(texts),), generator=self._generator(index, 0)).tolist()
+        start = time.perf_counter()
+        decoding = DecodingConfig(max_new_tokens=self.rollout.max_think_tokens) if self.rollout.think else None
+        generated = self.pipeline.generate(texts, seeds, self.rollout.sampler, self.rollout.height,
+                                           self.rollout.width, self.rollout.think, decoding)
+        middle = time.perf_counter()
+        names = [f"{index}_{i}.png" for i in range(len(texts))]
+        records = self.scorer.score(generated.images, texts, names)
+        end = time.perf_counter()
+        samples = StepSamples(texts, [latent.to(self.device) for latent in generated.latents],
+                              self._reward_maps(records), records)
+        return samples, {"rollout": middle - start, "scoring": end - middle}
+
+    def _reward_maps(self, records: list[RewardRecord]) -> list[Tensor]:
+        """Per image a map at its token grid (so the loss's bilinear sampling is the identity)."""
+        factor = self.model.config.latent_downsample
+        grids = [(r.height // factor, r.width // factor) for r in records]
+        rewards = token_rewards(scored_regions(records, self.scoring.score_kind), [(r.height, r.width)
+                                for r in records], grids, self.map_config)
+        return [part.view(rows, cols).to(self.device) for part, (rows, cols)
+                in zip(rewards.split([rows * cols for rows, cols in grids]), grids, strict=True)]
+
+    @torch.no_grad()
+    def offline_samples(self, records: list[RewardRecord], index: int) -> StepSamples:
+        """Records' images encoded by the autoencoder (a posterior sample, as officially). The good image is
+        the scored one in all official data, so it is encoded once and reused."""
+        folder = self.trainer.datamodule.image_dir
+        generator = self._generator(index, 1)
+        latents = []
+        for record in records:
+            image = read_image(Path(folder) / record.image_file).permute(2, 0, 1).float() / 127.5 - 1
+            latent = self.autoencoder.encode(image[None].to(self.device), generator=generator)[0]
+            latents.append(latent)
+        return StepSamples([r.prompt for r in records], latents, self._reward_maps(records), records)
+
+    # -------------------------------------------------------------------------------------------------- loss
+
+    def compute_loss(self, samples: StepSamples, index: int, update: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The constrained dense-reward loss of one update on ``samples`` (timesteps, text dropout and noise
+        seeded by the batch index and the update number)."""
+        generator = self._generator(index, 2 + update)
+        count = len(samples.latents)
+        timesteps = logit_normal_timesteps(count, self.timestep_shift, generator).tolist()
+        dropped = (torch.rand(count, generator=generator) < self.text_dropout).tolist()
+        items = [[*([] if drop else [Text(self.tokenizer.encode(prompt, add_special_tokens=False))]),
+                  VaeImage(latent.float(), timestep=t)]
+                 for prompt, latent, t, drop in zip(samples.prompts, samples.latents, timesteps, dropped, strict=True)]
+        batch = pack(items, self.model.config, self.special).to(self.device)
+        noise = torch.randn(batch.latent_tokens.shape, generator=generator).to(self.device)
+        self.model.train()
+        out = self.model(batch, noise=noise)
+        maps = [torch.ones_like(m) if drop and not self.reward_dropped_text else m
+                for m, drop in zip(samples.reward_maps, dropped, strict=True)]
+        constraint = self._constraint_target(batch, noise, out.target_velocity)
+        tokens = torch.tensor(float(out.velocity.shape[0]), device=self.device)
+        mean_tokens = self.trainer.strategy.reduce(tokens, reduce_op="mean")
+        loss = dense_reward_flow_loss(out.velocity, out.target_velocity, constraint, maps, list(batch.latent_grids),
+                                      self.loss_config, num_tokens=mean_tokens)
+        with torch.no_grad():
+            terms = {"reward_term": dense_reward_flow_loss(
+                out.velocity, out.target_velocity, None, maps, list(batch.latent_grids),
+                LossConfig(constraint="none", signed=self.loss_config.signed, margin=self.loss_config.margin),
+                num_tokens=mean_tokens)}
+            terms["constraint_term"] = loss.detach() - terms["reward_term"]
+        return loss, terms
+
+    def _constraint_target(self, batch, noise: Tensor, target: Tensor) -> Tensor | None:
+        if self.loss_config.constraint == "none":
+            return None
+        if self.loss_config.constraint == "sample":
+            return target  # good = bad: the sampled image's own flow target
+        with torch.no_grad():
+            return self.reference(batch, noise=noise).velocity
+
+    # -------------------------------------------------------------------------------------------------- steps
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Batches are prompts or records (no tensors); their tensors are made on the device in the step."""
+        return batch
+
+    def training_step(self, batch: tuple[int, list[Any]], batch_idx: int) -> None:
+        index, items = batch
+        timing: dict[str, float] = {}
+        if self.mode == "online":
+            samples, timing = self.rollout_and_score(items, index)
+        else:
+            start = time.perf_counter()
+            samples = self.offline_samples(items, index)
+            timing["encode"] = time.perf_counter() - start
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        start = time.perf_counter()
+        for update in range(self.rollout.updates_per_rollout if self.mode == "online" else 1):
+            loss, terms = self.compute_loss(samples, index, update)
+            if not bool(torch.isfinite(loss)):
+                self._skip(f"non-finite loss {float(loss)} at batch {index}")
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                  self.optim.grad_clip)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            if not bool(torch.isfinite(norm)):
+                optimizer.zero_grad(set_to_none=True)
+                self._skip(f"non-finite gradient norm at batch {index}")
+                continue
+            optimizer.step()
+            scheduler.step()
+            self._update_ema()
+            self.log_dict({"train/loss": loss.detach(), "train/grad_norm": norm.detach(),
+                           **{f"train/{k}": v for k, v in terms.items()}}, prog_bar=False)
+        timing["update"] = time.perf_counter() - start
+        self._log_step(samples, timing)
+
+    def _skip(self, reason: str) -> None:
+        self.skipped_steps += 1
+        log.warning("skipped a step: %s (%d skipped so far)", reason, self.skipped_steps)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema_decay is None:
+            return
+        trained = [p for name, p in self.model.named_parameters() if p.requires_grad]
+        torch._foreach_lerp_(list(self.ema.values()), trained, 1.0 - self.ema_decay)
+
+    def _log_step(self, samples: StepSamples, timing: dict[str, float]) -> None:
+        rewards = torch.cat([m.flatten() for m in samples.reward_maps])
+        kind = self.scoring.score_kind
+        globals_ = [r.global_scores.get(kind) for r in samples.records]
+        regions = [s.scores.get(kind) for r in samples.records for s in r.regions]
+        total = sum(timing.values()) or 1.0
+        metrics = {"train/reward_mean": rewards.mean(), "train/reward_std": rewards.std() if rewards.numel() > 1
+                   else rewards.new_zeros(()), "train/skipped_steps": float(self.skipped_steps),
+                   "train/score_failures": float(sum(g is None for g in globals_) + sum(s is None for s in regions)),
+                   "train/regions_per_image": len(regions) / max(len(samples.records), 1),
+                   "train/images_per_second": len(samples.latents) / total}
+        known = [g for g in globals_ if g is not None]
+        if known:
+            metrics["train/global_score_mean"] = sum(known) / len(known)
+        scored = [s for s in regions if s is not None]
+        if scored:
+            metrics["train/region_score_mean"] = sum(scored) / len(scored)
+        metrics.update({f"time/{name}_share": value / total for name, value in timing.items()})
+        self.log_dict({k: float(v) for k, v in metrics.items()}, batch_size=len(samples.latents))
+        self.last_samples = samples
+
+    def _evaluate(self, prompts: list[Prompt], batch_idx: int, stage: str) -> StepSamples:
+        """Self-reward of fresh rollouts (global score and mean token reward), seeded per batch."""
+        samples, _ = self.rollout_and_score(prompts, 10**9 + batch_idx)
+        kind = self.scoring.score_kind
+        globals_ = [r.global_scores.get(kind) for r in samples.records if r.global_scores.get(kind) is not None]
+        if globals_:
+            self.log(f"{stage}/global_score", sum(globals_) / len(globals_), batch_size=len(globals_),
+                     sync_dist=True)
+        rewards = torch.cat([m.flatten() for m in samples.reward_maps])
+        self.log(f"{stage}/reward_mean", rewards.mean(), batch_size=len(samples.latents), sync_dist=True)
+        return samples
+
+    def validation_step(self, prompts: list[Prompt], batch_idx: int) -> None:
+        self._evaluate(prompts, batch_idx, "val")
+
+    def test_step(self, prompts: list[Prompt], batch_idx: int) -> None:
+        self._evaluate(prompts, batch_idx, "test")
+
+    def predict_step(self, prompts: list[Prompt], batch_idx: int) -> list[RewardRecord]:
+        """Candidates for the prompts, judged: their reward records."""
+        return self.rollout_and_score(prompts, 10**9 + batch_idx)[0].records
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["srum"] = {"skipped_steps": self.skipped_steps, "checkpoint": str(self.checkpoint)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("srum", {}).get("skipped_steps", 0))
+
+

@@ -1,0 +1,61 @@
+"""FSDP2 for ``ModelParallelStrategy``: activation checkpointing and ``fully_shard`` per layer, applied from
+outside the model (the model code stays single-device).
+
+Every module the inference path calls on its own (embeddings, heads, adapters, the vision encoder) becomes its
+own FSDP unit, so rollouts and scoring, which do not go through ``Bagel.forward``, still gather what they use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from srum.model.bagel import Bagel
+
+if TYPE_CHECKING:
+    from srum.train.module import SRUMModule
+
+
+def _mixed_precision(module: SRUMModule) -> MixedPrecisionPolicy | None:
+    precision = str(module.trainer.precision) if module._trainer is not None else "32-true"
+    if precision.startswith("bf16"):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return None
+
+
+def shard_model(model: Bagel, mesh: DeviceMesh, activation_checkpointing: bool,
+                mp_policy: MixedPrecisionPolicy | None) -> None:
+    options = {"mesh": mesh} | ({"mp_policy": mp_policy} if mp_policy is not None else {})
+    layers = model.language_model.model.layers
+    for index, layer in enumerate(layers):
+        if activation_checkpointing:
+            layer = checkpoint_wrapper(layer)
+            layers[index] = layer
+        fully_shard(layer, **options)
+    if model.config.visual_und:
+        for layer in model.vit_model.vision_model.encoder.layers:
+            fully_shard(layer, **options)
+        fully_shard(model.vit_model, **options)
+        fully_shard(model.connector, **options)
+    if model.config.visual_gen:
+        for name in ("time_embedder", "vae2llm", "llm2vae"):
+            fully_shard(getattr(model, name), **options)
+    llm = model.language_model
+    fully_shard(llm.model.embed_tokens, **options)
+    # Heads and final norms as one unit, kept gathered after forward: backward needs them first.
+    heads = [llm.lm_head, llm.model.norm] + ([llm.model.norm_moe_gen] if model.config.llm.is_mot else [])
+    fully_shard(heads, reshard_after_forward=False, **options)
+    fully_shard(model, **options)
+
+
+def parallelize(module: SRUMModule, mesh: DeviceMesh) -> None:
+    """Shard the trained model (and the frozen reference copy) over the data-parallel mesh dimension."""
+    data_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+    policy = _mixed_precision(module)
+    shard_model(module.model, data_mesh, module.activation_checkpointing, policy)
+    if getattr(module, "reference", None) is not None:
+        shard_model(module.reference, data_mesh, False, policy)
