@@ -149,6 +149,7 @@ class SRUMModule(L.LightningModule):
         self.automatic_optimization = False
         self.model: Bagel | None = None
         self.skipped_steps = 0
+        self._images_per_rank = 0
 
     # ----------------------------------------------------------------------------------------------- building
 
@@ -199,9 +200,15 @@ class SRUMModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------- samples
 
-    def _generator(self, index: int, purpose: int) -> torch.Generator:
-        digest = hashlib.sha256(f"{self.seed}/{index}/{self.global_rank}/{purpose}".encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    def _seed(self, index: int, image: int, purpose: int) -> int:
+        """A seed for one image of batch ``index``: ``image`` counts over the global batch (this rank's images
+        follow the lower ranks'), so a run on W ranks draws what one process would on the same data."""
+        position = self.global_rank * self._images_per_rank + image
+        digest = hashlib.sha256(f"{self.seed}/{index}/{position}/{purpose}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+    def _generator(self, index: int, image: int, purpose: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self._seed(index, image, purpose))
 
     @torch.no_grad()
     def rollout_and_score(self, prompts: list[Prompt], index: int) -> tuple[StepSamples, dict[str, float]]:
@@ -209,7 +216,8 @@ class SRUMModule(L.LightningModule):
         self.model.eval()
         k = self.rollout.images_per_prompt
         texts = [p.text for p in prompts for _ in range(k)]
-        seeds = torch.randint(0, 2**62, (len(texts),), generator=self._generator(index, 0)).tolist()
+        self._images_per_rank = len(texts)
+        seeds = [self._seed(index, image, purpose=0) for image in range(len(texts))]
         start = time.perf_counter()
         decoding = DecodingConfig(max_new_tokens=self.rollout.max_think_tokens) if self.rollout.think else None
         generated = self.pipeline.generate(texts, seeds, self.rollout.sampler, self.rollout.height,
@@ -236,12 +244,12 @@ class SRUMModule(L.LightningModule):
         """Records' images encoded by the autoencoder (a posterior sample, as officially). The good image is
         the scored one in all official data, so it is encoded once and reused."""
         folder = self.trainer.datamodule.image_dir
-        generator = self._generator(index, 1)
+        self._images_per_rank = len(records)
         latents = []
-        for record in records:
+        for position, record in enumerate(records):
             image = read_image(Path(folder) / record.image_file).permute(2, 0, 1).float() / 127.5 - 1
-            latent = self.autoencoder.encode(image[None].to(self.device), generator=generator)[0]
-            latents.append(latent)
+            generator = self._generator(index, position, purpose=1)
+            latents.append(self.autoencoder.encode(image[None].to(self.device), generator=generator)[0])
         return StepSamples([r.prompt for r in records], latents, self._reward_maps(records), records)
 
     # -------------------------------------------------------------------------------------------------- loss
@@ -249,15 +257,16 @@ class SRUMModule(L.LightningModule):
     def compute_loss(self, samples: StepSamples, index: int, update: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The constrained dense-reward loss of one update on ``samples`` (timesteps, text dropout and noise
         seeded by the batch index and the update number)."""
-        generator = self._generator(index, 2 + update)
-        count = len(samples.latents)
-        timesteps = logit_normal_timesteps(count, self.timestep_shift, generator).tolist()
-        dropped = (torch.rand(count, generator=generator) < self.text_dropout).tolist()
+        generators = [self._generator(index, image, 2 + update) for image in range(len(samples.latents))]
+        timesteps = [float(logit_normal_timesteps(1, self.timestep_shift, g)) for g in generators]
+        dropped = [bool(torch.rand((), generator=g) < self.text_dropout) for g in generators]
         items = [[*([] if drop else [Text(self.tokenizer.encode(prompt, add_special_tokens=False))]),
                   VaeImage(latent.float(), timestep=t)]
                  for prompt, latent, t, drop in zip(samples.prompts, samples.latents, timesteps, dropped, strict=True)]
         batch = pack(items, self.model.config, self.special).to(self.device)
-        noise = torch.randn(batch.latent_tokens.shape, generator=generator).to(self.device)
+        channels = self.model.config.latent_channels
+        noise = torch.cat([torch.randn(rows * cols, channels, generator=g)
+                           for (rows, cols), g in zip(batch.latent_grids, generators, strict=True)]).to(self.device)
         self.model.train()
         out = self.model(batch, noise=noise)
         maps = [torch.ones_like(m) if drop and not self.reward_dropped_text else m
@@ -318,7 +327,7 @@ class SRUMModule(L.LightningModule):
             scheduler.step()
             self._update_ema()
             self.log_dict({"train/loss": loss.detach(), "train/grad_norm": norm.detach(),
-                           **{f"train/{k}": v for k, v in terms.items()}}, prog_bar=False)
+                           **{f"train/{k}": v for k, v in terms.items()}}, sync_dist=True)
         timing["update"] = time.perf_counter() - start
         self._log_step(samples, timing)
 

@@ -50,6 +50,20 @@ def shard_model(model: Bagel, mesh: DeviceMesh, activation_checkpointing: bool,
     heads = [llm.lm_head, llm.model.norm] + ([llm.model.norm_moe_gen] if model.config.llm.is_mot else [])
     fully_shard(heads, reshard_after_forward=False, **options)
     fully_shard(model, **options)
+    _initialise_root(model)
+
+
+@torch.no_grad()
+def _initialise_root(model: Bagel) -> None:
+    """FSDP2 picks its root on the first forward. Rollouts and scoring call sub-units directly (embeddings,
+    heads, adapters), so one tiny forward through ``Bagel`` itself comes first and makes it the root."""
+    from srum.model.packing import pack
+    from srum.model.synthetic import SampleFactory, special_tokens_for
+
+    config = model.config
+    batch = pack(SampleFactory(config, seed=0, max_grid=1).mixed(3), config, special_tokens_for(config))
+    device = next(model.parameters()).device
+    model(batch.to(device))
 
 
 def parallelize(module: SRUMModule, mesh: DeviceMesh) -> None:
