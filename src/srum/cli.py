@@ -29,6 +29,7 @@ from srum.reward.instructions import DEFAULT_INSTRUCTIONS, read_instructions
 from srum.reward.proposals import build_proposer
 from srum.reward.rollouts import score_rollouts
 from srum.reward.scorer import Method, ScorerConfig, SelfScorer
+from srum.train.export import export_checkpoint
 
 log = logging.getLogger("srum")
 MAX_INIT_PARAMETERS = 2_000_000_000  # `model init` is for tiny presets: random 7B weights help no one
@@ -202,9 +203,27 @@ def score(checkpoint: Path, rollouts: Path, out: Path, proposer: Literal["compon
     log.info("wrote %d reward records to %s", written, out)
 
 
+def export(ckpt: Path, out: Path, weights: Literal["model", "ema"] = "model", base: Path | None = None,
+           name: Literal["ema", "model"] = "ema", dtype: Literal["bfloat16", "float32"] = "bfloat16") -> None:
+    """Write a training checkpoint as an official checkpoint folder (BAGEL's own code loads it).
+
+    Args:
+        ckpt: a checkpoint of ``srum fit``: a .ckpt file, or the folder of a sharded (FSDP2) checkpoint.
+        out: the folder to write.
+        weights: the trained weights (model) or their moving average (ema).
+        base: the checkpoint folder the run started from (default: the one recorded in the checkpoint); its
+            configs, tokenizer and autoencoder are copied.
+        name: file name of the weights: ema.safetensors (what the official inference reads) or model.safetensors.
+        dtype: dtype of the written weights.
+    """
+    export_checkpoint(ckpt, out, weights, base, name, getattr(torch, dtype))
+    log.info("exported %s to %s", ckpt, out)
+
+
 COMMANDS = {
     "generate": generate,
     "score": score,
+    "export": export,
     "model": {
         "params": model_params,
         "init": model_init,

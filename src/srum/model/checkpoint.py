@@ -169,9 +169,16 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _write_safetensors(path: Path, module: nn.Module, dtype: torch.dtype | None) -> None:
-    state = {name: (t if dtype is None else t.to(dtype)).detach().contiguous().cpu()
-             for name, t in module.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    write_safetensors_state(path, module.state_dict(), dtype)
+
+
+def write_safetensors_state(path: Path, state: Mapping[str, Tensor], dtype: torch.dtype | None) -> None:
+    """Floating-point tensors cast to ``dtype`` (None: as they are), written atomically."""
+    def cast(t: Tensor) -> Tensor:
+        return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+
+    tensors = {name: cast(t).detach().contiguous().cpu() for name, t in state.items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 def save_checkpoint(folder: str | Path, model: Bagel, autoencoder: nn.Module | None = None, *,
