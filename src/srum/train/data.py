@@ -55,6 +55,19 @@ class ScheduledBatches:
         self.position = int(state["position"])
 
 
+class FixedBatches:
+    """A fixed list of batches as one loader (Lightning would take a plain list for several loaders)."""
+
+    def __init__(self, batches: list[list[Any]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return iter(self.batches)
+
+
 class SRUMDataModule(L.LightningDataModule):
     """Prompts for online training, or reward records (plus the folder of their images) for offline training.
 
@@ -94,14 +107,14 @@ class SRUMDataModule(L.LightningDataModule):
         return ScheduledBatches(self.items, self.batch_size, self.seed, self.trainer.global_rank,
                                 self.trainer.world_size)
 
-    def val_dataloader(self) -> list[list[Any]]:
-        """Each rank validates its own share of the validation prompts, in order."""
+    def val_dataloader(self) -> FixedBatches:
+        """Each rank validates its own share of the validation prompts (default: the first training batch)."""
         if self.mode != "online":
-            return []
+            return FixedBatches([])
         items = self.val_items or self.items[: self.batch_size]
         rank, world = self.trainer.global_rank, self.trainer.world_size
         mine = items[rank::world]
-        return [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        return FixedBatches([mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)])
 
     test_dataloader = val_dataloader
     predict_dataloader = val_dataloader

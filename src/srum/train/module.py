@@ -272,8 +272,7 @@ class SRUMModule(L.LightningModule):
         maps = [torch.ones_like(m) if drop and not self.reward_dropped_text else m
                 for m, drop in zip(samples.reward_maps, dropped, strict=True)]
         constraint = self._constraint_target(batch, noise, out.target_velocity)
-        tokens = torch.tensor(float(out.velocity.shape[0]), device=self.device)
-        mean_tokens = self.trainer.strategy.reduce(tokens, reduce_op="mean")
+        mean_tokens = self._mean_tokens(out.velocity.shape[0])
         loss = dense_reward_flow_loss(out.velocity, out.target_velocity, constraint, maps, list(batch.latent_grids),
                                       self.loss_config, num_tokens=mean_tokens)
         with torch.no_grad():
@@ -283,6 +282,12 @@ class SRUMModule(L.LightningModule):
                 num_tokens=mean_tokens)}
             terms["constraint_term"] = loss.detach() - terms["reward_term"]
         return loss, terms
+
+    def _mean_tokens(self, count: int) -> Tensor:
+        """The loss normaliser: the mean token count per rank. Each rank's sum over its tokens divided by it,
+        averaged over ranks by the gradient reduction, weighs every token of the global batch equally."""
+        tokens = torch.tensor(float(count), device=self.device)
+        return tokens if self._trainer is None else self.trainer.strategy.reduce(tokens, reduce_op="mean")
 
     def _constraint_target(self, batch, noise: Tensor, target: Tensor) -> Tensor | None:
         if self.loss_config.constraint == "none":
