@@ -261,6 +261,6 @@ def main(args: list[str] | None = None) -> None:
             run_lightning(args if explicit else None)
             return
         CLI(COMMANDS, args=args, as_positional=False)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"srum: error: {error}") from None
 

@@ -319,13 +319,19 @@ class SRUMModule(L.LightningModule):
             if not bool(torch.isfinite(loss)):
                 self._skip(f"non-finite loss {float(loss)} at batch {index}")
                 continue
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)
             self.manual_backward(loss)
-            norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                  self.optim.grad_clip)
+            trained = [p for p in self.model.parameters() if p.requires_grad]
+            for parameter in trained:
+                # Weights off the loss's path (lm_head, say) get a zero gradient rather than none, so every
+                # trained weight has optimizer state and sharded checkpoints stay loadable; AdamW leaves them
+                # unchanged (zero moments).
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
+            norm = torch.nn.utils.clip_grad_norm_(trained, self.optim.grad_clip)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             if not bool(torch.isfinite(norm)):
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=False)
                 self._skip(f"non-finite gradient norm at batch {index}")
                 continue
             optimizer.step()
@@ -344,8 +350,8 @@ class SRUMModule(L.LightningModule):
     def _update_ema(self) -> None:
         if self.ema_decay is None:
             return
-        trained = [p for name, p in self.model.named_parameters() if p.requires_grad]
-        torch._foreach_lerp_(list(self.ema.values()), trained, 1.0 - self.ema_decay)
+        pairs = [(self.ema[name.replace(".", "/")], p) for name, p in self.model.named_parameters() if p.requires_grad]
+        torch._foreach_lerp_([a for a, _ in pairs], [p for _, p in pairs], 1.0 - self.ema_decay)
 
     def _log_step(self, samples: StepSamples, timing: dict[str, float]) -> None:
         rewards = torch.cat([m.flatten() for m in samples.reward_maps])

@@ -1,0 +1,202 @@
+"""The training system on a tiny checkpoint on the CPU: the recipe config runs, reward maps reach the loss,
+non-finite steps are skipped, a killed run resumes exactly, FSDP2 on 2 ranks equals one process, export loads."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from srum.cli import main
+from srum.generation.prompts import read_prompts
+from srum.generation.sampler import SamplerConfig
+from srum.model.checkpoint import load_checkpoint
+from srum.train.callbacks import RewardGridCallback
+from srum.train.data import ScheduledBatches, SRUMDataModule
+from srum.train.module import OptimConfig, RolloutConfig, SRUMModule, StepSamples
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_OVERRIDES = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+                  "--model.rollout.height", "16", "--model.rollout.width", "24",
+                  "--model.rollout.sampler.num_timesteps", "3", "--model.optim.warmup_steps", "1",
+                  "--model.activation_checkpointing", "false", "--trainer.callbacks",
+                  "lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1",
+                  "--trainer.callbacks.save_top_k", "-1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("train")
+    main(["model", "init", "--preset", "tiny", "--out", str(folder / "ckpt"), "--seed", "0"])
+    weights = load_file(folder / "ckpt" / "ema.safetensors")  # a fresh model predicts v = 0: give it some
+    shape, generator = weights["llm2vae.weight"].shape, torch.Generator().manual_seed(0)
+    weights["llm2vae.weight"] = torch.randn(shape, generator=generator) * 0.1
+    save_file(weights, folder / "ckpt" / "ema.safetensors")
+    prompts = folder / "prompts.txt"
+    prompts.write_text("a red cube left of a blue ball\ntwo green circles\na yellow square\nthree blue triangles\n")
+    return {"checkpoint": folder / "ckpt", "prompts": prompts, "root": folder}
+
+
+def _fit_args(tiny, root: Path, steps: int, *extra: str, devices: int = 1, batch_size: int = 2) -> list[str]:
+    strategy = (["--trainer.strategy", "auto"] if devices == 1 else
+                ["--trainer.strategy.init_args.data_parallel_size", str(devices)])
+    return ["fit", "--config", str(REPO / "configs" / "compbench.yaml"), *TINY_OVERRIDES,
+            "--trainer.devices", str(devices), *strategy, "--trainer.max_steps", str(steps),
+            "--trainer.default_root_dir", str(root), "--model.checkpoint", str(tiny["checkpoint"]),
+            "--data.prompts", str(tiny["prompts"]), "--data.batch_size", str(batch_size), *extra]
+
+
+def _metrics(root: Path) -> dict[int, dict[str, float]]:
+    """step -> metrics of the last version folder's metrics.csv (a resumed run writes a new version)."""
+    rows: dict[int, dict[str, float]] = {}
+    for path in sorted(root.glob("lightning_logs/version_*/metrics.csv")):
+        with path.open() as file:
+            for row in csv.DictReader(file):
+                values = {k: float(v) for k, v in row.items() if v not in ("", None)}
+                rows.setdefault(int(values["step"]), {}).update(values)
+    return rows
+
+
+def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'src'}", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "srum", *args], cwd=REPO, env=environment, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_compbench_config_prints_and_runs_two_tiny_steps(tiny, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(REPO / "configs" / "compbench.yaml"), "--print_config"])
+    assert done.value.code in (None, 0)
+    printed = capsys.readouterr().out
+    assert "ModelParallelStrategy" in printed and "constraint_weight: 0.5" in printed and "lr: 2.0e-05" in printed
+
+    root = tiny["root"] / "two-steps"
+    main(_fit_args(tiny, root, 2))
+    metrics = _metrics(root)
+    assert sorted(metrics) == [0, 1]
+    for step in metrics.values():
+        for name in ("train/loss", "train/reward_term", "train/constraint_term", "train/reward_mean",
+                     "time/rollout_share", "time/scoring_share", "time/update_share", "train/images_per_second"):
+            assert math.isfinite(step[name]), name
+    assert metrics[1]["train/loss"] != metrics[0]["train/loss"]
+
+
+def test_reward_maps_reach_the_loss(tiny):
+    module = SRUMModule(tiny["checkpoint"], text_dropout=0.0)
+    module.configure_model()
+    generator = torch.Generator().manual_seed(0)
+    latents = [torch.randn(12, 4, 6, generator=generator) for _ in range(2)]
+    maps = [torch.rand(2, 3, generator=generator).requires_grad_(True) for _ in range(2)]
+    loss, _ = module.compute_loss(StepSamples(["a red cube", "a blue ball"], latents, maps, []), index=0, update=0)
+    loss.backward()
+    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in maps)
+    assert module.model.llm2vae.weight.grad.abs().sum() > 0
+
+
+def test_non_finite_steps_are_skipped_and_training_goes_on(tiny, tmp_path, monkeypatch):
+    module = SRUMModule(tiny["checkpoint"], rollout=RolloutConfig(height=16, width=24,
+                                                                  sampler=SamplerConfig(num_timesteps=3)),
+                        optim=OptimConfig(warmup_steps=1))
+    original = module.compute_loss
+    calls = []
+
+    def first_call_nan(samples, index, update):
+        loss, terms = original(samples, index, update)
+        calls.append(index)
+        return (loss * float("nan"), terms) if len(calls) == 1 else (loss, terms)
+
+    monkeypatch.setattr(module, "compute_loss", first_call_nan)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                        callbacks=[RewardGridCallback(every_n_steps=1)])
+    trainer.fit(module, SRUMDataModule(prompts=tiny["prompts"], batch_size=2))
+    assert module.skipped_steps == 1 and len(calls) == 3 and trainer.global_step == 2
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())
+    grids = sorted(path.name for path in (tmp_path / "grids").iterdir())  # one per batch, named by optimizer step
+    assert grids == ["step_0000000.png", "step_0000001.png", "step_0000002.png"]
+
+
+def test_scheduled_batches_split_the_global_batch_over_ranks():
+    items = list(range(10))
+    single = ScheduledBatches(items, batch_size=4, seed=3)
+    ranks = [ScheduledBatches(items, batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
+    for index in range(5):
+        assert single.batch(index) == ranks[0].batch(index) + ranks[1].batch(index)
+    assert len({tuple(single.batch(0)), tuple(single.batch(2))}) == 2  # epochs reshuffle
+    with pytest.raises(ValueError, match="at least batch_size x world_size"):
+        ScheduledBatches(items[:3], batch_size=2, seed=0, world_size=2)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(tiny):
+    uninterrupted, killed = tiny["root"] / "whole", tiny["root"] / "killed"
+    assert _run(_fit_args(tiny, uninterrupted, 4)).returncode == 0
+    result = _run(_fit_args(tiny, killed, 4, "--trainer.callbacks+=tests.train_helpers.KillAtStep",
+                            "--trainer.callbacks.step=2"))
+    assert result.returncode == -9, result.stderr[-2000:]  # SIGKILL
+    checkpoint = next((killed / "lightning_logs" / "version_0" / "checkpoints").glob("*step=2.ckpt"))
+    resumed = _run(_fit_args(tiny, killed, 4, "--ckpt_path", str(checkpoint)))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole, again = _metrics(uninterrupted), _metrics(killed)
+    for step in (2, 3):
+        assert again[step]["train/loss"] == pytest.approx(whole[step]["train/loss"], rel=1e-6, abs=1e-7)
+    final = [next((root / "lightning_logs").glob(f"version_{v}/checkpoints/*step=4.ckpt"))
+             for root, v in ((uninterrupted, 0), (killed, 1))]
+    first, second = (torch.load(path, weights_only=True)["state_dict"] for path in final)
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_ranks_equals_one_process_then_saves_resumes_and_exports(tiny):
+    one, two = tiny["root"] / "one-process", tiny["root"] / "two-ranks"
+    assert _run(_fit_args(tiny, one, 3, batch_size=2)).returncode == 0
+    result = _run(_fit_args(tiny, two, 3, devices=2, batch_size=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, sharded = _metrics(one), _metrics(two)
+    for step in range(3):
+        assert sharded[step]["train/loss"] == pytest.approx(single[step]["train/loss"], rel=1e-5)
+
+    sharded_step2 = next((two / "lightning_logs" / "version_0" / "checkpoints").glob("*step=2.ckpt"))
+    assert sharded_step2.is_dir()  # a distributed checkpoint: one shard file per rank
+    resumed = _run(_fit_args(tiny, two, 3, "--ckpt_path", str(sharded_step2), devices=2, batch_size=1))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _metrics(two)[2]["train/loss"] == pytest.approx(single[2]["train/loss"], rel=1e-5)
+
+    outputs = []
+    for root, version in ((one, 0), (two, 0)):
+        checkpoint = next((root / "lightning_logs" / f"version_{version}" / "checkpoints").glob("*step=3.ckpt"))
+        out = root / "exported"
+        main(["export", "--ckpt", str(checkpoint), "--out", str(out), "--dtype", "float32"])
+        outputs.append(load_checkpoint(out).model.state_dict())
+    for name, tensor in outputs[0].items():
+        torch.testing.assert_close(outputs[1][name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert (tiny["root"] / "one-process" / "exported" / "tokenizer.json").is_file()
+
+
+def test_export_round_trip(tiny, tmp_path):
+    root = tmp_path / "run"
+    main(_fit_args(tiny, root, 2, "--model.ema_decay", "0.5"))  # step 0 runs at lr 0 (warm-up): take two
+    checkpoint = next((root / "lightning_logs" / "version_0" / "checkpoints").glob("*step=2.ckpt"))
+    trained = torch.load(checkpoint, weights_only=True)["state_dict"]
+    main(["export", "--ckpt", str(checkpoint), "--out", str(tmp_path / "model"), "--dtype", "float32"])
+    loaded = load_checkpoint(tmp_path / "model").model.state_dict()
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, trained[f"model.{name}"].float()), name
+    main(["export", "--ckpt", str(checkpoint), "--out", str(tmp_path / "ema"), "--weights", "ema", "--dtype",
+          "float32"])
+    averaged = load_checkpoint(tmp_path / "ema").model.state_dict()
+    name = "language_model.model.layers.0.mlp_moe_gen.up_proj.weight"
+    assert torch.equal(averaged[name], trained[f"ema.{name.replace('.', '/')}"])
+    assert not torch.equal(averaged[name], loaded[name])
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        main(["export", "--ckpt", str(tmp_path / "absent.ckpt"), "--out", str(tmp_path / "x")])
+    assert read_prompts(tiny["prompts"])  # the fixture's prompt file stays valid
