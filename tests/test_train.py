@@ -200,3 +200,26 @@ def test_export_round_trip(tiny, tmp_path):
     with pytest.raises(SystemExit, match="no such checkpoint"):
         main(["export", "--ckpt", str(tmp_path / "absent.ckpt"), "--out", str(tmp_path / "x")])
     assert read_prompts(tiny["prompts"])  # the fixture's prompt file stays valid
+
+
+def test_offline_fit_on_generated_and_scored_records(tiny, tmp_path):
+    rollouts, records = tmp_path / "gen", tmp_path / "rewards.jsonl"
+    main(["generate", "--checkpoint", str(tiny["checkpoint"]), "--prompts", str(tiny["prompts"]), "--out",
+          str(rollouts), "--steps", "3", "--height", "16", "--width", "24", "--device", "cpu"])
+    main(["score", "--checkpoint", str(tiny["checkpoint"]), "--rollouts", str(rollouts), "--out", str(records),
+          "--proposer", "grid", "--method", "expected", "--device", "cpu"])
+    root = tmp_path / "run"
+    args = _fit_args(tiny, root, 2, "--model.mode", "offline", "--model.trainable", "generation",
+                     "--model.scoring.score_kind", "expected", "--data.records", str(records), "--data.image_dir",
+                     str(rollouts), "--data.prompts", "null")
+    main(args)
+    metrics = _metrics(root)
+    assert sorted(metrics) == [0, 1] and all(math.isfinite(m["train/loss"]) for m in metrics.values())
+    assert metrics[0]["train/regions_per_image"] == 4  # the grid proposer's 2 x 2 regions reached the step
+    checkpoint = next((root / "lightning_logs" / "version_0" / "checkpoints").glob("*step=2.ckpt"))
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    start = load_checkpoint(tiny["checkpoint"]).model.state_dict()
+    und = "language_model.model.layers.0.mlp.up_proj.weight"
+    gen = "language_model.model.layers.0.mlp_moe_gen.up_proj.weight"
+    assert torch.equal(state[f"model.{und}"], start[und])  # generation expert only
+    assert not torch.equal(state[f"model.{gen}"], start[gen])
