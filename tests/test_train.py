@@ -223,3 +223,21 @@ def test_offline_fit_on_generated_and_scored_records(tiny, tmp_path):
     gen = "language_model.model.layers.0.mlp_moe_gen.up_proj.weight"
     assert torch.equal(state[f"model.{und}"], start[und])  # generation expert only
     assert not torch.equal(state[f"model.{gen}"], start[gen])
+
+
+def test_lora_trains_adapters_only_and_export_merges_them(tiny, tmp_path):
+    root = tmp_path / "run"
+    main(_fit_args(tiny, root, 2, "--model.lora", '{"rank": 4, "alpha": 8.0}', "--model.trainable", "generation"))
+    checkpoint = next((root / "lightning_logs" / "version_0" / "checkpoints").glob("*step=2.ckpt"))
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    start = load_checkpoint(tiny["checkpoint"]).model.state_dict()
+    layer = "language_model.model.layers.0.self_attn.q_proj_moe_gen"
+    assert torch.equal(state[f"model.{layer}.base_layer.weight"], start[f"{layer}.weight"])
+    a, b = state[f"model.{layer}.lora_A.default.weight"], state[f"model.{layer}.lora_B.default.weight"]
+    assert a.shape[0] == 4 and b.abs().sum() > 0  # B starts at zero: the adapter trained
+    assert "model.language_model.model.layers.0.self_attn.q_proj.lora_A.default.weight" not in state
+
+    main(["export", "--ckpt", str(checkpoint), "--out", str(tmp_path / "merged"), "--dtype", "float32"])
+    merged = load_checkpoint(tmp_path / "merged").model.state_dict()
+    torch.testing.assert_close(merged[f"{layer}.weight"], start[f"{layer}.weight"] + 2.0 * b @ a)
+    assert torch.equal(merged[f"{layer}.bias"], start[f"{layer}.bias"])

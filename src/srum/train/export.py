@@ -47,6 +47,24 @@ def read_training_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """Fold peft LoRA adapters into their base weights: ``W + scale * B @ A`` under the base layer's name."""
+    merged = {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        if ".base_layer." not in key:
+            merged[key] = value
+            continue
+        layer, parameter = key.split(".base_layer.")
+        if parameter == "weight":
+            a = state[f"{layer}.lora_A.default.weight"].float()  # (r, in)
+            b = state[f"{layer}.lora_B.default.weight"].float()  # (out, r)
+            value = (value.float() + scale * (b @ a)).to(value.dtype)
+        merged[f"{layer}.{parameter}"] = value
+    return merged
+
+
 def export_checkpoint(ckpt: Path, out: Path, weights: Literal["model", "ema"] = "model", base: Path | None = None,
                       name: Literal["ema", "model"] = "ema", dtype: torch.dtype | None = torch.bfloat16) -> Path:
     """Write ``out`` in the official layout with the trained (or averaged) weights under ``{name}.safetensors``."""
@@ -61,6 +79,8 @@ def export_checkpoint(ckpt: Path, out: Path, weights: Literal["model", "ema"] = 
         if not averages:
             raise ValueError(f"{ckpt}: holds no EMA weights (train with model.ema_decay set)")
         model_state.update(averages)
+    if "lora_scale" in checkpoint.get("srum", {}):
+        model_state = merge_lora(model_state, float(checkpoint["srum"]["lora_scale"]))
     expected = build_on_meta(config).state_dict()
     missing = sorted(set(expected) - set(model_state))
     if missing:

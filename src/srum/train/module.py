@@ -95,6 +95,24 @@ class OptimConfig:
     """Global gradient-norm clip."""
 
 
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (through peft) on the trained expert's projections: for fewer GPUs, the base weights
+    stay frozen and only the adapters train; ``srum export`` merges them into the official layout."""
+
+    rank: int = 16
+    """Adapter rank r."""
+    alpha: float = 32.0
+    """Scale numerator: the adapter adds (alpha / r) * B A."""
+
+
+def lora_targets(trainable: str) -> str:
+    """peft ``target_modules`` pattern: the generation expert's attention and MLP projections, and the
+    understanding expert's too when everything trains."""
+    suffix = "_moe_gen" if trainable == "generation" else "(_moe_gen)?"
+    return (rf".*\.self_attn\.(q|k|v|o)_proj{suffix}|.*\.mlp{suffix}\.(gate|up|down)_proj")
+
+
 @dataclass
 class StepSamples:
     """What one update trains on: per image the prompt, the clean latent (C, h, w) and the token reward map."""
@@ -125,6 +143,7 @@ class SRUMModule(L.LightningModule):
         timestep_shift: training timestep shift (1: logit-normal t as is).
         reward_dropped_text: weight text-dropped samples by their reward too (official); otherwise weight 1.
         ema_decay: keep an exponential moving average of the trained weights with this decay (None: off).
+        lora: train low-rank adapters instead of the weights (None: off).
         activation_checkpointing: recompute each decoder layer in backward (with the FSDP2 strategy).
         seed: seed of everything random in a step, with the batch index and rank.
     """
@@ -134,7 +153,8 @@ class SRUMModule(L.LightningModule):
                  reward_map: MapConfig = MapConfig(), rollout: RolloutConfig = RolloutConfig(),
                  scoring: ScoringConfig = ScoringConfig(), optim: OptimConfig = OptimConfig(),
                  text_dropout: float = 0.1, timestep_shift: float = 1.0, reward_dropped_text: bool = True,
-                 ema_decay: float | None = None, activation_checkpointing: bool = False, seed: int = 0) -> None:
+                 ema_decay: float | None = None, lora: LoraConfig | None = None,
+                 activation_checkpointing: bool = False, seed: int = 0) -> None:
         super().__init__()
         if mode not in ("online", "offline"):
             raise ValueError(f"mode: expected online or offline, got {mode!r}")
@@ -144,7 +164,7 @@ class SRUMModule(L.LightningModule):
         self.loss_config, self.map_config = loss, reward_map
         self.rollout, self.scoring, self.optim = rollout, scoring, optim
         self.text_dropout, self.timestep_shift = text_dropout, timestep_shift
-        self.reward_dropped_text, self.ema_decay = reward_dropped_text, ema_decay
+        self.reward_dropped_text, self.ema_decay, self.lora = reward_dropped_text, ema_decay, lora
         self.activation_checkpointing, self.seed = activation_checkpointing, seed
         self.automatic_optimization = False
         self.model: Bagel | None = None
@@ -160,9 +180,9 @@ class SRUMModule(L.LightningModule):
         self.model = loaded.model
         self.autoencoder = loaded.autoencoder.requires_grad_(False)
         self.tokenizer, self.special = load_tokenizer(self.checkpoint)
-        self._set_trainable(self.model)
         if self.loss_config.constraint == "reference":
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self._set_trainable(self.model)
         if self.device_mesh is not None:
             from srum.train.parallel import parallelize
 
@@ -177,8 +197,19 @@ class SRUMModule(L.LightningModule):
             else None
 
     def _set_trainable(self, model: Bagel) -> None:
-        """The vision encoder and connector stay frozen; the sin-cos tables are buffers."""
+        """The vision encoder and connector stay frozen; the sin-cos tables are buffers. With LoRA only the
+        adapters train."""
         model.requires_grad_(False)
+        if self.lora is not None:
+            from peft import LoraConfig as PeftLoraConfig
+            from peft import inject_adapter_in_model
+
+            config = PeftLoraConfig(r=self.lora.rank, lora_alpha=self.lora.alpha, lora_dropout=0.0,
+                                    target_modules=lora_targets(self.trainable))
+            inject_adapter_in_model(config, model)
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(".lora_" in name)
+            return
         for name, parameter in model.named_parameters():
             if name.startswith(("vit_model.", "connector.")):
                 continue
@@ -398,6 +429,8 @@ class SRUMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["srum"] = {"skipped_steps": self.skipped_steps, "checkpoint": str(self.checkpoint)}
+        if self.lora is not None:
+            checkpoint["srum"]["lora_scale"] = self.lora.alpha / self.lora.rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = int(checkpoint.get("srum", {}).get("skipped_steps", 0))
