@@ -46,10 +46,11 @@ def test_overfit_lowers_the_loss(capsys):
 
 
 def test_help_lists_every_subcommand():
-    result = subprocess.run([sys.executable, "-m", "srum", "model", "--help"], capture_output=True, text=True,
-                            check=True)
+    overview = subprocess.run([sys.executable, "-m", "srum", "--help"], capture_output=True, text=True, check=True)
+    for name in ["fit", "validate", "test", "predict", *COMMANDS]:
+        assert f"\n  {name}" in overview.stdout, name
     for name in COMMANDS["model"]:
-        assert name in result.stdout
+        assert f"  model {name}" in overview.stdout, name
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=str)
@@ -62,4 +63,4 @@ def test_every_config_parses(path, capsys):
     assert capsys.readouterr().out.strip()
 
 
-CONFIG_COMMANDS = {"overfit-tiny": ["model", "overfit"]}
+CONFIG_COMMANDS = {"overfit-tiny": ["model", "overfit"], "compbench": ["fit"]}

@@ -126,8 +126,9 @@ def generate(checkpoint: Path, prompts: Path, out: Path, steps: int = 50, cfg_te
              seed: int = 42, batch_size: int = 4, height: int = 1024, width: int = 1024, think: bool = False,
              max_think_tokens: int = 1000, device: str | None = None,
              dtype: Literal["auto", "float32", "bfloat16"] = "auto") -> None:
-    """Generate images for a prompt file: one PNG and one JSONL record per image in OUT; re-running skips
-    what is done.
+    """Generate images for a prompt file (one PNG and one JSONL record per image).
+
+    Re-running into the same OUT skips what is done.
 
     Args:
         checkpoint: checkpoint folder (official layout).
@@ -167,8 +168,10 @@ def score(checkpoint: Path, rollouts: Path, out: Path, proposer: Literal["compon
           max_new_tokens_global: int = 1024, max_new_tokens_regions: int = 4096, instructions: Path | None = None,
           batch_size: int = 4, device: str | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto"
           ) -> None:
-    """Self-score every image of a ``srum generate`` folder: propose regions, score them and the whole image
-    with the same model, append one reward record per image to OUT; re-running skips what is done.
+    """Self-score every image of a ``srum generate`` folder into reward records.
+
+    Proposes regions, scores them and the whole image with the same model and appends one record per image to
+    OUT; re-running skips what is done.
 
     Args:
         checkpoint: checkpoint folder (official layout).
