@@ -241,3 +241,11 @@ def test_lora_trains_adapters_only_and_export_merges_them(tiny, tmp_path):
     merged = load_checkpoint(tmp_path / "merged").model.state_dict()
     torch.testing.assert_close(merged[f"{layer}.weight"], start[f"{layer}.weight"] + 2.0 * b @ a)
     assert torch.equal(merged[f"{layer}.bias"], start[f"{layer}.bias"])
+
+
+def test_validate_reports_the_self_reward_of_fresh_rollouts(tiny, tmp_path, capsys):
+    args = _fit_args(tiny, tmp_path, 1, "--trainer.limit_val_batches", "1")
+    at = args.index("--trainer.max_steps")
+    main(["validate", *args[1:at], *args[at + 2:]])
+    printed = capsys.readouterr().out
+    assert "val/global_score" in printed and "val/reward_mean" in printed
