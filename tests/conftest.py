@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU (set before they are imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -87,7 +87,8 @@ def test_reference_and_torch_impls_can_be_forced(monkeypatch):
     monkeypatch.setenv("SRUM_LOSS_IMPL", "reference")
     via_env = dense_reward_flow_loss(velocity, target, constraint, maps, grids)
     torch.testing.assert_close(forced, via_env, **TIGHT)
-    with pytest.raises(RuntimeError, match="loss impl 'triton'"):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="loss impl 'triton': needs the triton package and CUDA tensors"):
         dense_reward_flow_loss(velocity, target, constraint, maps, grids, impl="triton")
     with pytest.raises(ValueError, match="impl: expected one of"):
         dense_reward_flow_loss(velocity, target, constraint, maps, grids, impl="fast")

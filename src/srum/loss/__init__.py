@@ -1,9 +1,10 @@
 """The constrained dense-reward flow-matching loss of SRUM behind one dispatcher.
 
 ``dense_reward_flow_loss`` picks an implementation: ``reference`` (plain, image by image: the ground truth),
-``torch`` (vectorised over the ragged batch: the CPU path) or ``triton`` (fused GPU kernels, from the kernels
-work). ``auto`` takes the fastest available one; an explicit request that cannot run raises. The environment
-variable ``SRUM_LOSS_IMPL`` forces a choice for ``auto`` calls.
+``torch`` (vectorised over the ragged batch: the CPU path) or ``triton`` (the fused kernel of
+``kernels/srum_kernels``: map sampling, weighted error and its gradient in one pass). ``auto`` takes the
+fastest available one; an explicit request that cannot run raises. The environment variable ``SRUM_LOSS_IMPL``
+forces a choice for ``auto`` calls.
 """
 
 from __future__ import annotations
@@ -42,15 +43,47 @@ def _check(velocity: Tensor, target: Tensor, constraint_target: Tensor | None, r
                              f"got [{float(values.min())}, {float(values.max())}]")
 
 
-def resolve_impl(impl: Impl, device: torch.device) -> Impl:
+def triton_available(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors, or anywhere in the Triton interpreter (``TRITON_INTERPRET=1``)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import srum_kernels.reward_flow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_impl(impl: Impl, device: torch.device, maps_need_grad: bool = False) -> Impl:
+    """The implementation to run: an explicit choice (or ``SRUM_LOSS_IMPL`` for ``auto``) must be able to run;
+    ``auto`` takes Triton on CUDA tensors and the vectorised path elsewhere (and whenever the maps need a
+    gradient, which the fused kernel does not give)."""
     if impl == "auto":
         impl = os.environ.get("SRUM_LOSS_IMPL", "auto")  # type: ignore[assignment]
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if impl == "triton":
-        raise RuntimeError("loss impl 'triton': the fused Triton kernels are not part of srum yet; "
-                           "use 'torch' or 'reference'")
-    return "torch" if impl == "auto" else impl
+        if not triton_available(device):
+            raise RuntimeError("loss impl 'triton': needs the triton package and CUDA tensors (or "
+                               "TRITON_INTERPRET=1); use 'torch' or 'reference'")
+        if maps_need_grad:
+            raise RuntimeError("loss impl 'triton': the fused kernel gives no gradient for the reward maps; "
+                               "use 'torch' or 'reference'")
+        return impl
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and not maps_need_grad and triton_available(device) else "torch"
+    return impl
+
+
+def _triton_loss(velocity: Tensor, target: Tensor, constraint_target: Tensor | None, reward_maps: list[Tensor],
+                 grids: list[tuple[int, int]], config: LossConfig, num_tokens: float | None) -> Tensor:
+    from srum_kernels.reward_flow import FusedRewardFlowLoss, RaggedLayout
+
+    layout = RaggedLayout.build(reward_maps, grids, velocity.device)
+    normaliser = float(velocity.shape[0] if num_tokens is None else num_tokens)
+    weight = config.constraint_weight if config.constraint != "none" else 0.0
+    return FusedRewardFlowLoss.apply(velocity, target, constraint_target, layout, weight,
+                                     config.signed == "hinge", config.margin, normaliser)
 
 
 def dense_reward_flow_loss(velocity: Tensor, target: Tensor, constraint_target: Tensor | None,
@@ -73,8 +106,8 @@ def dense_reward_flow_loss(velocity: Tensor, target: Tensor, constraint_target: 
         impl: see the module docstring.
     """
     _check(velocity, target, constraint_target, reward_maps, grids, config)
-    chosen = resolve_impl(impl, velocity.device)
-    function = reference_loss if chosen == "reference" else vectorised_loss
+    chosen = resolve_impl(impl, velocity.device, any(m.requires_grad for m in reward_maps))
+    function = {"reference": reference_loss, "torch": vectorised_loss, "triton": _triton_loss}[chosen]
     return function(velocity, target, constraint_target, reward_maps, grids, config, num_tokens)
 
 

@@ -1,0 +1,1 @@
+"""Triton kernels of srum (see kernels/README.md)."""
