@@ -10,3 +10,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # registering it here too keeps `--strict-markers` runs working whatever plugins are loaded.
     config.addinivalue_line("markers", "benchmark: a pytest-benchmark timing (lives in benchmarks_perf/)")
 
+
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks import their shared providers as plain modules

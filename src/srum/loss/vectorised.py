@@ -1,27 +1,69 @@
-"""The constrained dense-reward flow loss over a whole ragged batch at once (the CPU fast path)."""
+"""The constrained dense-reward flow loss over a whole ragged batch at once (the CPU fast path).
+
+Like the fused kernel it computes the gradients in the forward pass (one pass over the (N, C) tensors for the
+loss and one for the gradient), where autograd through ``pow``/``mean`` would make several; when the constraint
+target is the flow target itself (good = bad, as in all official data) the two terms share one error.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from srum.loss.bilinear import sample_maps
 from srum.loss.config import LossConfig
 
 
+def _terms(velocity: Tensor, target: Tensor, constraint_target: Tensor | None, rewards: Tensor,
+           config: LossConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, float]:
+    """Per-token loss (N,), dL/d(reward) (N,), the slope a (N,) and the differences, all unnormalised."""
+    diff = velocity - target  # (N, C)
+    error = diff.pow(2).mean(-1)  # (N,)
+    if config.signed == "hinge":
+        active = error < config.margin
+        per_token = rewards.clamp(min=0) * error + (-rewards).clamp(min=0) * (config.margin - error).clamp(min=0)
+        slope = torch.where((rewards >= 0) | active, rewards, torch.zeros_like(rewards))
+        d_reward = torch.where(rewards >= 0, error, -(config.margin - error).clamp(min=0))
+    else:
+        per_token, slope, d_reward = rewards * error, rewards, error
+    weight = config.constraint_weight if config.constraint != "none" else 0.0
+    if not weight or constraint_target is None:
+        return per_token, d_reward, slope, diff, None, 0.0
+    if constraint_target is target:  # the same regression twice: one error, the slope gains lambda
+        return per_token + weight * error, d_reward, slope + weight, diff, None, 0.0
+    pull = velocity - constraint_target
+    return per_token + weight * pull.pow(2).mean(-1), d_reward, slope, diff, pull, weight
+
+
+class _WeightedFlowLoss(torch.autograd.Function):
+    """Gradients formed in forward: with ``scale = 2 / (C N)``, dL/dv = scale (a * (v - t) + lambda (v - c)),
+    dL/dt and dL/dc their negated parts, dL/dr = (per-token derivative) / N. Backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, velocity: Tensor, target: Tensor, constraint_target: Tensor | None, rewards: Tensor,
+                config: LossConfig, normaliser: float) -> Tensor:
+        per_token, d_reward, slope, diff, pull, weight = _terms(velocity, target, constraint_target, rewards, config)
+        scale = 2.0 / (velocity.shape[1] * normaliser)
+        from_error = diff * (scale * slope)[:, None]  # (N, C)
+        from_pull = pull * (scale * weight) if pull is not None else None
+        ctx.save_for_backward(from_error, from_pull, d_reward / normaliser)
+        return per_token.sum() / normaliser
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        from_error, from_pull, d_reward = ctx.saved_tensors
+        grad_velocity = from_error if from_pull is None else from_error + from_pull
+        grad_constraint = -from_pull * grad_output if from_pull is not None else None
+        return (grad_velocity * grad_output, -from_error * grad_output, grad_constraint, d_reward * grad_output,
+                None, None)
+
+
 def token_weighted_loss(velocity: Tensor, target: Tensor, constraint_target: Tensor | None, rewards: Tensor,
                         config: LossConfig, num_tokens: float | None = None) -> Tensor:
     """The loss from per-token rewards (N,); see ``srum.loss.reference.reference_loss`` for the terms."""
-    normaliser = velocity.shape[0] if num_tokens is None else num_tokens
-    rewards = rewards.to(velocity.dtype)
-    error = (velocity - target).pow(2).mean(-1)  # (N,)
-    if config.signed == "hinge":
-        weighted = rewards.clamp(min=0) * error + (-rewards).clamp(min=0) * (config.margin - error).clamp(min=0)
-    else:
-        weighted = rewards * error
-    total = weighted.sum()
-    if config.constraint != "none" and config.constraint_weight:
-        total = total + config.constraint_weight * (velocity - constraint_target).pow(2).mean(-1).sum()
-    return total / normaliser
+    normaliser = float(velocity.shape[0] if num_tokens is None else num_tokens)
+    return _WeightedFlowLoss.apply(velocity, target, constraint_target, rewards.to(velocity.dtype), config,
+                                   normaliser)
 
 
 def vectorised_loss(velocity: Tensor, target: Tensor, constraint_target: Tensor | None, reward_maps: list[Tensor],
