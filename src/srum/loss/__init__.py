@@ -111,4 +111,4 @@ def dense_reward_flow_loss(velocity: Tensor, target: Tensor, constraint_target: 
     return function(velocity, target, constraint_target, reward_maps, grids, config, num_tokens)
 
 
-__all__ = ["LossConfig", "dense_reward_flow_loss", "reference_loss", "vectorised_loss"]
+__all__ = ["Impl", "LossConfig", "dense_reward_flow_loss", "reference_loss", "vectorised_loss"]

@@ -28,7 +28,7 @@ from srum.generation.pipeline import Pipeline
 from srum.generation.prompts import Prompt
 from srum.generation.sampler import SamplerConfig
 from srum.generation.text import DecodingConfig
-from srum.loss import LossConfig, dense_reward_flow_loss
+from srum.loss import Impl, LossConfig, dense_reward_flow_loss
 from srum.model.bagel import Bagel
 from srum.model.checkpoint import load_checkpoint
 from srum.model.flow import logit_normal_timesteps
@@ -144,6 +144,7 @@ class SRUMModule(L.LightningModule):
         reward_dropped_text: weight text-dropped samples by their reward too (official); otherwise weight 1.
         ema_decay: keep an exponential moving average of the trained weights with this decay (None: off).
         lora: train low-rank adapters instead of the weights (None: off).
+        loss_impl: loss implementation: auto (Triton on GPU, vectorised PyTorch on CPU), triton, torch, reference.
         activation_checkpointing: recompute each decoder layer in backward (with the FSDP2 strategy).
         seed: seed of everything random in a step, with the batch index and rank.
     """
@@ -153,7 +154,7 @@ class SRUMModule(L.LightningModule):
                  reward_map: MapConfig = MapConfig(), rollout: RolloutConfig = RolloutConfig(),
                  scoring: ScoringConfig = ScoringConfig(), optim: OptimConfig = OptimConfig(),
                  text_dropout: float = 0.1, timestep_shift: float = 1.0, reward_dropped_text: bool = True,
-                 ema_decay: float | None = None, lora: LoraConfig | None = None,
+                 ema_decay: float | None = None, lora: LoraConfig | None = None, loss_impl: Impl = "auto",
                  activation_checkpointing: bool = False, seed: int = 0) -> None:
         super().__init__()
         if mode not in ("online", "offline"):
@@ -165,6 +166,7 @@ class SRUMModule(L.LightningModule):
         self.rollout, self.scoring, self.optim = rollout, scoring, optim
         self.text_dropout, self.timestep_shift = text_dropout, timestep_shift
         self.reward_dropped_text, self.ema_decay, self.lora = reward_dropped_text, ema_decay, lora
+        self.loss_impl = loss_impl
         self.activation_checkpointing, self.seed = activation_checkpointing, seed
         self.automatic_optimization = False
         self.model: Bagel | None = None
@@ -305,7 +307,7 @@ class SRUMModule(L.LightningModule):
         constraint = self._constraint_target(batch, noise, out.target_velocity)
         mean_tokens = self._mean_tokens(out.velocity.shape[0])
         loss = dense_reward_flow_loss(out.velocity, out.target_velocity, constraint, maps, list(batch.latent_grids),
-                                      self.loss_config, num_tokens=mean_tokens)
+                                      self.loss_config, num_tokens=mean_tokens, impl=self.loss_impl)
         with torch.no_grad():
             terms = {"reward_term": dense_reward_flow_loss(
                 out.velocity, out.target_velocity, None, maps, list(batch.latent_grids),
