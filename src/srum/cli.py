@@ -239,7 +239,8 @@ def _overview() -> str:
     lines = ["usage: srum COMMAND [options]   (srum COMMAND --help for a command's options)", "", "commands:"]
     from srum.train.cli import LIGHTNING_COMMANDS
 
-    entries = dict(LIGHTNING_COMMANDS)
+    entries = {**LIGHTNING_COMMANDS, "shapeworld pretrain": "Pretrain ShapeWorld's base model (unified CE + flow "
+               "matching) and write its checkpoint."}
     for name, command in COMMANDS.items():
         if callable(command):
             entries[name] = (command.__doc__ or "").strip().split("\n")[0]
@@ -262,6 +263,11 @@ def main(args: list[str] | None = None) -> None:
             from srum.train.cli import run_lightning
 
             run_lightning(args if explicit else None)
+            return
+        if args[:2] == ["shapeworld", "pretrain"]:
+            from srum.train.cli import run_pretrain
+
+            run_pretrain(args[2:])
             return
         CLI(COMMANDS, args=args, as_positional=False)
     except (ValueError, FileNotFoundError) as error:

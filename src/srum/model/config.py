@@ -286,4 +286,18 @@ def _tiny() -> BagelConfig:
     )
 
 
-PRESETS = {"bagel-7b-mot": _bagel_7b_mot, "tiny": _tiny}
+def _shapeworld() -> BagelConfig:
+    """ShapeWorld's model: 36 px scenes, one 12 px cell per latent token (6x pixel shuffle, 2 x 2 latent patches)
+    and per ViT patch, a few million parameters."""
+    return BagelConfig(
+        llm=LLMConfig(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
+        vit=ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                      patch_size=12, image_size=36),
+        ae=AEConfig(kind="pixel_shuffle", z_channels=108, pixel_shuffle_factor=6, scale_factor=1.0,
+                    shift_factor=0.0),
+        max_latent_size=4,
+    )
+
+
+PRESETS = {"bagel-7b-mot": _bagel_7b_mot, "tiny": _tiny, "shapeworld": _shapeworld}

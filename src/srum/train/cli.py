@@ -21,3 +21,11 @@ def run_lightning(args: list[str] | None) -> LightningCLI:
     """LightningCLI over ``args`` (None: the command line)."""
     return LightningCLI(SRUMModule, SRUMDataModule, args=args, save_config_kwargs={"overwrite": True},
                         trainer_defaults={"callbacks": [RichProgressBar()]}, parser_kwargs={"prog": "srum"})
+
+
+def run_pretrain(args: list[str]) -> LightningCLI:
+    """``srum shapeworld pretrain [options]``: LightningCLI's fit over the ShapeWorld pretraining module."""
+    from srum.shapeworld.pretrain import PretrainModule
+
+    return LightningCLI(PretrainModule, args=["fit", *args], save_config_kwargs={"overwrite": True},
+                        trainer_defaults={"callbacks": [RichProgressBar()]}, parser_kwargs={"prog": "srum"})

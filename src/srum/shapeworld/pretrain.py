@@ -1,0 +1,97 @@
+"""Pretraining ShapeWorld's base model with unified training (next-token CE + flow-matching MSE), as BAGEL is
+pretrained: ``srum shapeworld pretrain --config configs/shapeworld_pretrain.yaml``. At the end the model, its
+tokenizer and configs are written to ``out`` in the official checkpoint layout."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from srum.model.autoencoder import build_autoencoder
+from srum.model.build import build_random
+from srum.model.checkpoint import save_checkpoint
+from srum.model.config import BagelConfig
+from srum.model.packing import pack
+from srum.model.tokenizer import build_small_tokenizer, load_tokenizer
+from srum.shapeworld.tasks import ShapeWorldTasks, TaskMix, corpus
+
+
+class StepIndices:
+    """Endless batch indices, saved in checkpoints so a resumed run draws the batches it would have drawn."""
+
+    def __init__(self) -> None:
+        self.position = 0
+
+    def __len__(self) -> int:
+        return 1 << 30
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            self.position += 1
+            yield self.position - 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])
+
+
+class PretrainModule(L.LightningModule):
+    """Args:
+        out: folder the pretrained checkpoint (with tokenizer) is written to at the end.
+        preset: model preset.
+        seed: seed of the weights, the tokenizer corpus and every batch.
+        batch_size: samples per step (packed into one sequence).
+        lr: peak AdamW learning rate.
+        warmup_steps: linear warm-up, then constant.
+        mix: frequencies of the sample kinds.
+        text_dropout: probability of a text-to-image sample without its prompt (for CFG).
+    """
+
+    def __init__(self, out: Path, preset: str = "shapeworld", seed: int = 0, batch_size: int = 32, lr: float = 1e-3,
+                 warmup_steps: int = 100, mix: TaskMix = TaskMix(), text_dropout: float = 0.1) -> None:
+        super().__init__()
+        self.out, self.config, self.seed = Path(out), BagelConfig.from_name(preset), seed
+        self.batch_size, self.lr, self.warmup_steps = batch_size, lr, warmup_steps
+        self.mix, self.text_dropout = mix, text_dropout
+        self.model = build_random(self.config, seed)
+        self.autoencoder = build_autoencoder(self.config.ae)
+        self.out.mkdir(parents=True, exist_ok=True)
+        build_small_tokenizer(self.out, self.config.llm.vocab_size, corpus(seed=seed))
+        self.tokenizer, self.special = load_tokenizer(self.out)
+        self.tasks = ShapeWorldTasks(lambda text: self.tokenizer.encode(text, add_special_tokens=False),
+                                     self.autoencoder, mix, text_dropout)
+
+    def train_dataloader(self) -> StepIndices:
+        return StepIndices()
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch
+
+    def training_step(self, index: int, batch_idx: int) -> torch.Tensor:
+        digest = hashlib.sha256(f"{self.seed}/{index}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "little"))
+        samples = [self.tasks.sample(rng) for _ in range(self.batch_size)]
+        batch = pack(samples, self.config, self.special).to(self.device)
+        out = self.model(batch, generator=torch.Generator().manual_seed(rng.getrandbits(62)))
+        ce = out.ce().mean() if out.labels.numel() else out.velocity.new_zeros(())
+        mse = out.mse().mean() if out.velocity.numel() else out.velocity.new_zeros(())
+        self.log_dict({"pretrain/ce": ce, "pretrain/mse": mse}, prog_bar=True, batch_size=self.batch_size)
+        return ce + mse
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=(0.9, 0.95), eps=1e-15,
+                                      weight_decay=0.0)
+        warmup = self.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            save_checkpoint(self.out, self.model.float(), self.autoencoder)

@@ -1,0 +1,159 @@
+"""Training samples of ShapeWorld for the base model's unified pretraining (next-token CE + flow matching):
+text-to-image pairs, questions about scenes, and the scoring instructions answered from the scene's ground truth
+on clean and deliberately wrong renders (hard negatives), so the base model can judge before SRUM starts."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from srum.model.packing import Item, Text, VaeImage, VitImage
+from srum.reward.instructions import DEFAULT_INSTRUCTIONS, ScoringInstructions
+from srum.shapeworld.world import (
+    CATEGORIES,
+    CELL,
+    COLOURS,
+    GRID,
+    NUMBERS,
+    SHAPES,
+    Obj,
+    Scene,
+    Spec,
+    render,
+    sample_spec,
+    scene_for,
+)
+
+# Short instructions: the default wording is ~900 tokens, too long to train on by the thousand on a CPU.
+SHAPEWORLD_INSTRUCTIONS: ScoringInstructions = DEFAULT_INSTRUCTIONS.replace(
+    global_template="Does the picture show '{prompt}', with the layout it asks for? Score from -1 to 1.",
+    region_template=("Picture for '{prompt}', {width}x{height} pixels, regions:\n{regions}\n"
+                     "For each region: Region ID, Identified Object, Score from -1 to 1."),
+    single_region_template=("Picture for '{prompt}', {width}x{height} pixels. Is the object in {box} one the "
+                            "prompt asks for? Score from -1 to 1."),
+    sample_template="How well does the picture show '{prompt}'? Score from -1 to 1.",
+    version="shapeworld-1",
+)
+
+
+def pixels(image: Tensor) -> Tensor:
+    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""
+    return image.permute(2, 0, 1).float() / 127.5 - 1
+
+
+def perturb(scene: Scene, spec: Spec, rng: random.Random) -> Scene:
+    """The scene with one thing wrong: an object recoloured or reshaped, an object removed or added, or (for
+    relations) the two groups swapped."""
+    objects = list(scene.objects)
+    kinds = ["colour", "shape", "extra"] + (["remove"] if len(objects) > 1 else []) + (["swap"] if spec.relation
+                                                                                      else [])
+    kind = rng.choice(kinds)
+    index = rng.randrange(len(objects))
+    target = objects[index]
+    if kind == "colour":
+        objects[index] = replace(target, colour=rng.choice([c for c in COLOURS if c != target.colour]))
+    elif kind == "shape":
+        objects[index] = replace(target, shape=rng.choice([s for s in SHAPES if s != target.shape]))
+    elif kind == "remove":
+        objects.pop(index)
+    elif kind == "extra":
+        free = [(r, c) for r in range(GRID) for c in range(GRID) if all(o.cell != (r, c) for o in objects)]
+        if not free:
+            return perturb(scene, spec, rng)
+        objects.append(Obj(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(free)))
+    else:  # the two groups trade places, which reverses the relation (needs groups of equal size)
+        first = spec.things[0].count
+        if len(objects) != 2 * first:
+            return perturb(scene, spec, rng)
+        cells = [o.cell for o in objects]
+        objects = [replace(o, cell=c) for o, c in zip(objects, cells[first:] + cells[:first], strict=True)]
+    return Scene(tuple(objects))
+
+
+def wanted(obj: Obj, spec: Spec) -> bool:
+    """Whether the prompt asks for an object of this colour and shape."""
+    return any(obj.colour == t.colour and obj.shape == t.shape for t in spec.things)
+
+
+def _score_text(value: float) -> str:
+    return f"Score: {value:.1f}"
+
+
+@dataclass(frozen=True)
+class TaskMix:
+    """Relative frequencies of the sample kinds."""
+
+    text_to_image: float = 0.5
+    """Prompt -> image pairs (flow matching)."""
+    global_score: float = 0.2
+    """The global scoring instruction on a clean or one-thing-wrong render, answered from the ground truth."""
+    region_score: float = 0.15
+    """The single-region scoring instruction on one object of a clean or wrong render."""
+    question: float = 0.15
+    """Counting and presence questions."""
+
+
+class ShapeWorldTasks:
+    """Draws unified training samples; ``encode`` turns text into token ids (the tokenizer's, no markers)."""
+
+    def __init__(self, encode, autoencoder, mix: TaskMix | None = None, text_dropout: float = 0.1) -> None:
+        self.encode, self.autoencoder = encode, autoencoder
+        self.mix, self.text_dropout = mix or TaskMix(), text_dropout
+
+    def _text(self, text: str, loss: bool = False) -> Text:
+        return Text(self.encode(text), loss=loss)
+
+    def text_to_image(self, spec: Spec, scene: Scene, rng: random.Random) -> list[Item]:
+        latent = self.autoencoder.encode(pixels(render(scene))[None])[0]
+        timestep = float(torch.sigmoid(torch.tensor(rng.gauss(0.0, 1.0))))
+        image = VaeImage(latent, timestep=timestep)
+        return [image] if rng.random() < self.text_dropout else [self._text(spec.text()), image]
+
+    def global_score(self, spec: Spec, scene: Scene, rng: random.Random) -> list[Item]:
+        clean = rng.random() < 0.5
+        shown = scene if clean else perturb(scene, spec, rng)
+        question = SHAPEWORLD_INSTRUCTIONS.global_instruction(spec.text())
+        return [VitImage(pixels(render(shown))), self._text(question),
+                self._text(_score_text(1.0 if clean else -1.0), loss=True)]
+
+    def region_score(self, spec: Spec, scene: Scene, rng: random.Random) -> list[Item]:
+        shown = scene if rng.random() < 0.5 else perturb(scene, spec, rng)
+        obj = rng.choice(shown.objects)
+        box = [obj.cell[1] * CELL, obj.cell[0] * CELL, (obj.cell[1] + 1) * CELL, (obj.cell[0] + 1) * CELL]
+        side = GRID * CELL
+        question = SHAPEWORLD_INSTRUCTIONS.single_region_instruction(spec.text(), box, side, side)
+        return [VitImage(pixels(render(shown))), self._text(question),
+                self._text(_score_text(1.0 if wanted(obj, spec) else -1.0), loss=True)]
+
+    def question(self, spec: Spec, scene: Scene, rng: random.Random) -> list[Item]:
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        count = sum(o.colour == colour and o.shape == shape for o in scene.objects)
+        if rng.random() < 0.5:
+            question, answer = f"How many {colour} {shape}s are there?", NUMBERS.get(count, "zero")
+        else:
+            question, answer = f"Is there a {colour} {shape}?", "yes" if count else "no"
+        return [VitImage(pixels(render(scene))), self._text(question), self._text(answer, loss=True)]
+
+    def sample(self, rng: random.Random, split: str = "train") -> list[Item]:
+        spec = sample_spec(rng.choice(CATEGORIES), rng, split)
+        scene = scene_for(spec, rng)
+        kinds = [self.text_to_image, self.global_score, self.region_score, self.question]
+        weights = [self.mix.text_to_image, self.mix.global_score, self.mix.region_score, self.mix.question]
+        return rng.choices(kinds, weights)[0](spec, scene, rng)
+
+
+def corpus(count: int = 2000, seed: int = 0) -> list[str]:
+    """Texts for the ShapeWorld tokenizer: prompts of every split, the instructions, questions and answers."""
+    rng = random.Random(seed)
+    texts = []
+    for index in range(count):
+        spec = sample_spec(CATEGORIES[index % len(CATEGORIES)], rng, ("train", "val", "test")[index % 3])
+        texts += [spec.text(), SHAPEWORLD_INSTRUCTIONS.global_instruction(spec.text()),
+                  SHAPEWORLD_INSTRUCTIONS.single_region_instruction(spec.text(), [0, 12, 12, 24], 36, 36),
+                  _score_text(rng.choice([-1.0, 1.0]))]
+    texts += [f"How many {c} {s}s are there? {n}" for c in COLOURS for s in SHAPES for n in NUMBERS.values()]
+    texts += [f"Is there a {c} {s}? yes no" for c in COLOURS for s in SHAPES]
+    return texts

@@ -1,0 +1,95 @@
+"""ShapeWorld's world and training tasks: prompts, splits, scenes that satisfy their prompts, hard negatives."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from srum.shapeworld.tasks import SHAPEWORLD_INSTRUCTIONS, ShapeWorldTasks, corpus, perturb, wanted
+from srum.shapeworld.world import (
+    CATEGORIES,
+    GRID,
+    HELD_OUT,
+    SIZE,
+    Spec,
+    Thing,
+    prompts,
+    relation_holds,
+    render,
+    sample_spec,
+    scene_for,
+)
+
+
+def _satisfies(scene, spec: Spec) -> bool:
+    counts = {}
+    for obj in scene.objects:
+        counts[(obj.colour, obj.shape)] = counts.get((obj.colour, obj.shape), 0) + 1
+    if counts != {(t.colour, t.shape): t.count for t in spec.things}:
+        return False
+    if spec.relation is None:
+        return True
+    first = [o.cell for o in scene.objects if (o.colour, o.shape) == (spec.things[0].colour, spec.things[0].shape)]
+    second = [o.cell for o in scene.objects if (o.colour, o.shape) == (spec.things[1].colour, spec.things[1].shape)]
+    return all(relation_holds(spec.relation, a, b) for a in first for b in second)
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_scenes_satisfy_their_prompts(split):
+    rng = random.Random(0)
+    for prompt in prompts(split, 200, seed=1):
+        scene = scene_for(prompt.spec, rng)
+        assert _satisfies(scene, prompt.spec), prompt.text
+        assert len({o.cell for o in scene.objects}) == len(scene.objects)
+        assert all(0 <= r < GRID and 0 <= c < GRID for o in scene.objects for r, c in [o.cell])
+
+
+def test_splits_hold_out_colour_shape_pairs():
+    def pairs(prompt):
+        return {(t.colour, t.shape) for t in prompt.spec.things}
+
+    assert not any(pairs(p) & HELD_OUT for p in prompts("train", 500))
+    assert all(pairs(p) & HELD_OUT for p in prompts("test", 500))
+    assert {p.category for p in prompts("val", 8)} == set(CATEGORIES)
+    assert [p.text for p in prompts("test", 20, seed=3)] == [p.text for p in prompts("test", 20, seed=3)]
+
+
+def test_render_paints_each_object_in_its_cell():
+    spec = Spec((Thing("red", "square"), Thing("blue", "circle")), relation="left of", category="spatial")
+    scene = scene_for(spec, random.Random(2))
+    image = render(scene)
+    assert image.shape == (SIZE, SIZE, 3) and image.dtype.is_floating_point is False
+    for obj in scene.objects:
+        centre = image[obj.cell[0] * 12 + 6, obj.cell[1] * 12 + 6]
+        assert centre.tolist() != [0, 0, 0]
+    assert int((image.sum(-1) > 0).sum()) > 0
+
+
+def test_hard_negatives_break_the_prompt():
+    rng = random.Random(5)
+    for _ in range(300):
+        spec = sample_spec(rng.choice(CATEGORIES), rng)
+        scene = scene_for(spec, rng)
+        assert not _satisfies(perturb(scene, spec, rng), spec)
+
+
+def test_tasks_answer_from_the_ground_truth():
+    from srum.model.autoencoder import build_autoencoder
+    from srum.model.config import BagelConfig
+    from srum.model.packing import Text, VaeImage, VitImage
+
+    config = BagelConfig.from_name("shapeworld")
+    tasks = ShapeWorldTasks(lambda text: [len(text)], build_autoencoder(config.ae))
+    rng = random.Random(0)
+    spec = Spec((Thing("red", "square", 2),), category="numeracy")
+    scene = scene_for(spec, rng)
+    image = tasks.text_to_image(spec, scene, random.Random(1))
+    assert isinstance(image[-1], VaeImage) and image[-1].latent.shape == (108, 6, 6)
+    vit, question, answer = tasks.global_score(spec, scene, random.Random(2))
+    assert isinstance(vit, VitImage) and isinstance(answer, Text) and answer.loss
+    assert all(wanted(o, spec) for o in scene.objects)
+    texts = corpus(count=20)
+    prefix = SHAPEWORLD_INSTRUCTIONS.global_instruction("X").split("X")[0]
+    assert sum(text.startswith(prefix) for text in texts) == 20
+    assert "How many red squares are there? two" in texts
