@@ -48,8 +48,8 @@ triangles 0.52-0.83."""
 TRIANGLE_SKEW = -0.15
 """Vertical skewness of the mass at or below which a non-square component is a triangle. An upward triangle
 holds most of its mass low with a thin tail up to the apex: skewness -0.55 as rendered (a continuous one:
--2 * 2^0.5 / 5 = -0.57), -0.34 after a 3 x 3 blur, at worst -0.23 with blur and noise of std 8; circles measure within +-0.08 under the same
-distortions. Unlike a top/bottom split of the bounding box it needs no box, so one pixel lost at the apex or
+-2 * 2^0.5 / 5 = -0.57), -0.34 after a 3 x 3 blur, at worst -0.23 with blur and noise of std 8; circles
+measure within +-0.08 under the same distortions. Unlike a top/bottom split of the bounding box it needs no box, so one pixel lost at the apex or
 added at the rim barely moves it."""
 RELATION_MARGIN = 1 / (2 * GRID)
 """Centres must differ by more than this fraction of the image (half a grid cell) along the relation's axis:

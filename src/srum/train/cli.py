@@ -3,7 +3,7 @@ LightningCLI, configured by YAML files in ``configs/``."""
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from srum.train.data import SRUMDataModule
@@ -17,15 +17,27 @@ LIGHTNING_COMMANDS = {
 }
 
 
+class SRUMCLI(LightningCLI):
+    """LightningCLI with a rich progress bar unless the configuration turns progress bars off."""
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = trainer.get("callbacks") or []
+        if trainer.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in (callbacks if isinstance(callbacks, list) else [callbacks])):
+            kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), RichProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+
 def run_lightning(args: list[str] | None) -> LightningCLI:
     """LightningCLI over ``args`` (None: the command line)."""
-    return LightningCLI(SRUMModule, SRUMDataModule, args=args, save_config_kwargs={"overwrite": True},
-                        trainer_defaults={"callbacks": [RichProgressBar()]}, parser_kwargs={"prog": "srum"})
+    return SRUMCLI(SRUMModule, SRUMDataModule, args=args, save_config_kwargs={"overwrite": True},
+                   parser_kwargs={"prog": "srum"})
 
 
 def run_pretrain(args: list[str]) -> LightningCLI:
     """``srum shapeworld pretrain [options]``: LightningCLI's fit over the ShapeWorld pretraining module."""
     from srum.shapeworld.pretrain import PretrainModule
 
-    return LightningCLI(PretrainModule, args=["fit", *args], save_config_kwargs={"overwrite": True},
-                        trainer_defaults={"callbacks": [RichProgressBar()]}, parser_kwargs={"prog": "srum"})
+    return SRUMCLI(PretrainModule, args=["fit", *args], save_config_kwargs={"overwrite": True},
+                   parser_kwargs={"prog": "srum"})
