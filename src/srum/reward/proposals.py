@@ -174,7 +174,7 @@ def label_components(foreground: Tensor, pixels: Tensor | None = None, link_tole
             break
         flat, low = label.view(-1), smallest.view(-1)
         parent = low.scatter_reduce(0, flat, low, reduce="amin")  # hook each root to its tree's smallest label
-        while not torch.equal(grand := parent[parent], parent):
+        while not torch.equal(grand := parent.gather(0, parent), parent):
             parent = grand
         label = parent.view(height, width)
     return torch.where(foreground, label, -1)

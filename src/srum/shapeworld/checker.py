@@ -49,8 +49,8 @@ TRIANGLE_SKEW = -0.15
 """Vertical skewness of the mass at or below which a non-square component is a triangle. An upward triangle
 holds most of its mass low with a thin tail up to the apex: skewness -0.55 as rendered (a continuous one:
 -2 * 2^0.5 / 5 = -0.57), -0.34 after a 3 x 3 blur, at worst -0.23 with blur and noise of std 8; circles
-measure within +-0.08 under the same distortions. Unlike a top/bottom split of the bounding box it needs no box, so one pixel lost at the apex or
-added at the rim barely moves it."""
+measure within +-0.08 under the same distortions. Unlike a top/bottom split of the bounding box it needs no box,
+so one pixel lost at the apex or added at the rim barely moves it."""
 RELATION_MARGIN = 1 / (2 * GRID)
 """Centres must differ by more than this fraction of the image (half a grid cell) along the relation's axis:
 objects side by side in one row are neither above nor below each other, however their centres jitter."""
@@ -104,16 +104,18 @@ def classify_pixels(image: Tensor) -> Tensor:
     _check_image(image)
     offset = image.float() - _BACKGROUND.to(image.device)  # (H, W, 3)
     palette = _PALETTE.to(image.device)  # (K, 3)
-    # a broadcast product, not a matmul: for a K = 6 wide product the BLAS call costs ~50x more than the arithmetic
-    dot = (offset[..., None, :] * palette).sum(-1)  # (H, W, K)
+    # channel by channel, neither a matmul nor an (H, W, K, 3) product: on a busy CPU either can cost milliseconds
+    # for a 72 x 72 image (BLAS and intra-op threads waiting for a core), three (H, W, K) products do not
+    dot = sum(offset[..., c, None] * palette[:, c] for c in range(3))  # (H, W, K)
     squared = (palette * palette).sum(1)  # (K,)
     along = (dot / squared).clamp(min=0)  # (H, W, K) position on each ray, 1 at the palette colour
-    # |p - a c|^2 expanded, so no (H, W, K, 3) difference is built
-    residual = ((offset * offset).sum(-1, keepdim=True) - 2 * along * dot + along ** 2 * squared).clamp(min=0).sqrt()
+    # |p - a c|^2 expanded, so no (H, W, K, 3) difference is built; compared squared, as a square root on a
+    # small tensor can cost milliseconds when torch's worker threads wait for a busy CPU
+    residual = (offset * offset).sum(-1, keepdim=True) - 2 * along * dot + along * along * squared  # (H, W, K)
     nearest = residual.argmin(-1)  # (H, W)
     kept_along = along.gather(-1, nearest[..., None]).squeeze(-1)
     kept_residual = residual.gather(-1, nearest[..., None]).squeeze(-1)
-    foreground = (kept_along >= MIN_INTENSITY) & (kept_residual <= MAX_RESIDUAL)
+    foreground = (kept_along >= MIN_INTENSITY) & (kept_residual <= MAX_RESIDUAL ** 2)
     return torch.where(foreground, nearest, -1)
 
 
@@ -136,7 +138,9 @@ def detect(image: Tensor) -> list[Detection]:
     where = foreground.view(-1).nonzero().squeeze(1)  # (P,) flat indices of foreground pixels
     if len(where) == 0:
         return []
-    roots, member, areas = torch.unique(labels[where], return_inverse=True, return_counts=True)
+    # index_select, not labels[where]: advanced indexing of a few thousand elements can cost milliseconds when
+    # torch's worker threads wait for a busy CPU
+    roots, member, areas = torch.unique(labels.index_select(0, where), return_inverse=True, return_counts=True)
     rows, cols = where // width, where % width
     count = len(roots)
     y1 = torch.full((count,), height).scatter_reduce(0, member, rows, "amin")
@@ -145,18 +149,19 @@ def detect(image: Tensor) -> list[Detection]:
     x2 = torch.zeros(count, dtype=torch.long).scatter_reduce(0, member, cols + 1, "amax")
     fill = areas / ((y2 - y1) * (x2 - x1))
     mass_row = torch.zeros(count).scatter_add(0, member, rows.float()) / areas
-    centred = rows.float() - mass_row[member]  # (P,)
+    centred = rows.float() - mass_row.index_select(0, member)  # (P,)
     variance = torch.zeros(count).scatter_add(0, member, centred ** 2) / areas
     skew = torch.zeros(count).scatter_add(0, member, centred ** 3) / areas / variance.clamp(min=1e-6) ** 1.5
-    keep = areas >= max(1.0, MIN_AREA_FRACTION * height * width)
-    names = colour.view(-1)[roots]
+    names = colour.view(-1).index_select(0, roots)
+    keep = (areas >= max(1.0, MIN_AREA_FRACTION * height * width)).nonzero().squeeze(1)
+    stats = torch.stack([x1, y1, x2, y2, areas, names, fill, skew], 1).double().index_select(0, keep).tolist()
     detections = []
-    for i in keep.nonzero().squeeze(1).tolist():
-        box = (int(x1[i]), int(y1[i]), int(x2[i]), int(y2[i]))
+    for left, top, right, bottom, area, name, fill_ratio, skewness in stats:
+        box = (int(left), int(top), int(right), int(bottom))
         detections.append(Detection(
-            colour=_COLOUR_NAMES[int(names[i])], shape=_shape_of(float(fill[i]), float(skew[i])),
-            centre=((box[1] + box[3]) / 2, (box[0] + box[2]) / 2), box=box, area=int(areas[i]),
-            fill=float(fill[i]), skew=float(skew[i])))
+            colour=_COLOUR_NAMES[int(name)], shape=_shape_of(fill_ratio, skewness),
+            centre=((top + bottom) / 2, (left + right) / 2), box=box, area=int(area), fill=fill_ratio,
+            skew=skewness))
     return detections
 
 
@@ -177,7 +182,8 @@ def score(image: Tensor, spec: Spec) -> Verdict:
     ``counts`` = exactly its count; ``relation`` = every detected object of thing 0 in the relation to every
     detected object of thing 1 (centres, ``RELATION_MARGIN``), 0 when either is missing; ``extras`` = no
     detected object outside the named colour + shape pairs. Category scores: binding = presence (the product
-    over noun phrases), spatial = relation, numeracy = counts, complex = mean of counts, relation and extras.
+    over noun phrases), spatial = relation (presence for a spec without one), numeracy = counts, complex = mean
+    of counts, relation and extras.
     """
     height, width = _check_image(image)
     detections = detect(image)
