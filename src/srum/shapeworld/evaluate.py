@@ -1,0 +1,77 @@
+"""Measuring a model in ShapeWorld: how often its images pass the checker (generation), and how well its own
+judgement separates clean from one-thing-wrong renders and agrees with the checker on its own images
+(understanding) - the gap SRUM feeds on."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from srum.generation.pipeline import Pipeline
+from srum.generation.sampler import SamplerConfig
+from srum.reward.instructions import SCORE_PREFIX, score_candidates
+from srum.reward.parsing import parse_number
+from srum.reward.scorer import expected_scores
+from srum.shapeworld.checker import Verdict, report, score
+from srum.shapeworld.tasks import SHAPEWORLD_INSTRUCTIONS, perturb, pixels
+from srum.shapeworld.world import CATEGORIES, SIZE, Prompt, render, sample_spec, scene_for
+
+
+@dataclass
+class GenerationResult:
+    report: dict
+    verdicts: list[Verdict]
+    images: list[torch.Tensor]
+
+
+def evaluate_generation(pipeline: Pipeline, prompts: list[Prompt], sampler: SamplerConfig, seed: int = 0,
+                        batch_size: int = 32) -> GenerationResult:
+    """One image per prompt (seeded per prompt), checked against its prompt."""
+    verdicts, images = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        seeds = [seed * 1_000_003 + start + i for i in range(len(batch))]
+        generated = pipeline.generate([p.text for p in batch], seeds, sampler, height=SIZE, width=SIZE)
+        for prompt, image in zip(batch, generated.images, strict=True):
+            verdicts.append(score(image, prompt.spec))
+            images.append(image)
+    return GenerationResult(report(verdicts), verdicts, images)
+
+
+def global_expected_scores(pipeline: Pipeline, images: list[torch.Tensor], prompts: list[str]) -> torch.Tensor:
+    """The model's probability-weighted global score of each image against its prompt, (N,)."""
+    candidates = score_candidates()
+    values = torch.tensor([parse_number(c) for c in candidates])
+    questions = [SHAPEWORLD_INSTRUCTIONS.global_instruction(p) for p in prompts]
+    logprobs = torch.stack(pipeline.score([pixels(i) for i in images], questions,
+                                          [[SCORE_PREFIX + c for c in candidates]] * len(images)))
+    return expected_scores(logprobs, values.to(logprobs.device)).cpu()
+
+
+def evaluate_judge(pipeline: Pipeline, count: int = 200, seed: int = 0, split: str = "test") -> dict[str, float]:
+    """Balanced accuracy of the sign of the model's global score on clean vs one-thing-wrong renders."""
+    rng = random.Random(seed)
+    images, prompts, truth = [], [], []
+    for index in range(count):
+        spec = sample_spec(CATEGORIES[index % len(CATEGORIES)], rng, split)
+        scene = scene_for(spec, rng)
+        clean = rng.random() < 0.5  # independent of the category, which cycles with the index
+        images.append(render(scene if clean else perturb(scene, spec, rng)))
+        prompts.append(spec.text())
+        truth.append(clean)
+    scores = global_expected_scores(pipeline, images, prompts)
+    said = scores > 0
+    clean = torch.tensor(truth)
+    accuracy_clean = float(said[clean].float().mean())
+    accuracy_wrong = float((~said[~clean]).float().mean())
+    return {"balanced_accuracy": (accuracy_clean + accuracy_wrong) / 2, "clean_accepted": accuracy_clean,
+            "wrong_rejected": accuracy_wrong}
+
+
+def agreement_with_checker(pipeline: Pipeline, result: GenerationResult, prompts: list[Prompt]) -> float:
+    """How often the sign of the model's own global score agrees with the checker's verdict on its images."""
+    scores = global_expected_scores(pipeline, result.images, [p.text for p in prompts])
+    passed = torch.tensor([v.passed for v in result.verdicts])
+    return float(((scores > 0) == passed).float().mean())
