@@ -93,3 +93,26 @@ def test_tasks_answer_from_the_ground_truth():
     prefix = SHAPEWORLD_INSTRUCTIONS.global_instruction("X").split("X")[0]
     assert sum(text.startswith(prefix) for text in texts) == 20
     assert "How many red squares are there? two" in texts
+
+
+def test_pretrain_writes_a_checkpoint_that_generates_and_judges(tmp_path):
+    from srum.cli import main
+    from srum.generation.pipeline import Pipeline
+    from srum.generation.sampler import SamplerConfig
+    from srum.model.checkpoint import load_checkpoint
+    from srum.shapeworld.evaluate import agreement_with_checker, evaluate_generation, evaluate_judge
+
+    main(["shapeworld", "pretrain", "--config", "configs/shapeworld_pretrain.yaml", "--trainer.max_steps", "2",
+          "--model.batch_size", "4", "--model.out", str(tmp_path / "base"), "--trainer.default_root_dir",
+          str(tmp_path / "run"), "--trainer.enable_progress_bar", "false"])
+    assert load_checkpoint(tmp_path / "base").config.latent_downsample == 12
+    assert sum(f.stat().st_size for f in (tmp_path / "base").iterdir()) < 25 * 2**20
+    pipeline = Pipeline.from_checkpoint(tmp_path / "base")
+    test_prompts = prompts("test", 4)
+    result = evaluate_generation(pipeline, test_prompts, SamplerConfig(num_timesteps=3), batch_size=4)
+    assert result.report["benchmark"] == "shapeworld" and len(result.verdicts) == 4
+    assert all(image.shape == (SIZE, SIZE, 3) for image in result.images)
+    judge = evaluate_judge(pipeline, count=8)
+    assert judge["balanced_accuracy"] == pytest.approx((judge["clean_accepted"] + judge["wrong_rejected"]) / 2)
+    agreement = agreement_with_checker(pipeline, result, test_prompts)
+    assert agreement * 4 == pytest.approx(round(agreement * 4))  # a share of the 4 images
