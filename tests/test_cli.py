@@ -63,4 +63,5 @@ def test_every_config_parses(path, capsys):
     assert capsys.readouterr().out.strip()
 
 
-CONFIG_COMMANDS = {"overfit-tiny": ["model", "overfit"], "compbench": ["fit"], "shapeworld_pretrain": ["shapeworld", "pretrain"]}
+CONFIG_COMMANDS = {"overfit-tiny": ["model", "overfit"], "compbench": ["fit"],
+                   "shapeworld_pretrain": ["shapeworld", "pretrain"]}
