@@ -249,3 +249,16 @@ def test_validate_reports_the_self_reward_of_fresh_rollouts(tiny, tmp_path, caps
     main(["validate", *args[1:at], *args[at + 2:]])
     printed = capsys.readouterr().out
     assert "val/global_score" in printed and "val/reward_mean" in printed
+
+
+def test_scoring_instructions_are_chosen_by_config(tiny, tmp_path):
+    from srum.train.module import ScoringConfig
+
+    module = SRUMModule(tiny["checkpoint"], scoring=ScoringConfig(instructions="shapeworld"))
+    module.configure_model()
+    assert module.scorer.instructions.version == "shapeworld-1"
+    path = tmp_path / "instructions.yaml"
+    path.write_text("sample_template: 'Rate the picture of {prompt}.'\n")
+    module = SRUMModule(tiny["checkpoint"], scoring=ScoringConfig(instructions=str(path)))
+    module.configure_model()
+    assert module.scorer.instructions.sample_instruction("a cat") == "Rate the picture of a cat."

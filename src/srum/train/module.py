@@ -34,6 +34,7 @@ from srum.model.checkpoint import load_checkpoint
 from srum.model.flow import logit_normal_timesteps
 from srum.model.packing import Text, VaeImage, pack
 from srum.model.tokenizer import load_tokenizer
+from srum.reward.instructions import DEFAULT_INSTRUCTIONS, ScoringInstructions, read_instructions
 from srum.reward.maps import MapConfig, token_rewards
 from srum.reward.proposals import build_proposer
 from srum.reward.records import RewardRecord, ScoreKind, scored_regions
@@ -77,6 +78,9 @@ class ScoringConfig:
     """Scorer settings (expected scores need no decoding: the fast default online)."""
     score_kind: ScoreKind = "expected"
     """Which score kind becomes the reward: expected (probability-weighted) or text (parsed answers)."""
+    instructions: str = "default"
+    """Scoring instructions: ``default`` (srum's wording), ``shapeworld`` (the short ShapeWorld set the base model
+    is pretrained on) or a YAML file replacing templates."""
 
 
 @dataclass(frozen=True)
@@ -195,8 +199,8 @@ class SRUMModule(L.LightningModule):
                 for name, p in self.model.named_parameters() if p.requires_grad})
         self.pipeline = Pipeline(self.model, self.autoencoder, self.tokenizer, self.special)
         self.model.train()  # the pipeline puts it in eval mode; rollouts switch modes themselves
-        self.scorer = SelfScorer(self.pipeline, self._proposer(), self.scoring.scorer) if self.mode == "online" \
-            else None
+        self.scorer = SelfScorer(self.pipeline, self._proposer(), self.scoring.scorer,
+                                 self._instructions()) if self.mode == "online" else None
 
     def _set_trainable(self, model: Bagel) -> None:
         """The vision encoder and connector stay frozen; the sin-cos tables are buffers. With LoRA only the
@@ -217,6 +221,15 @@ class SRUMModule(L.LightningModule):
                 continue
             generation = "moe_gen" in name or name.startswith(("time_embedder.", "vae2llm.", "llm2vae."))
             parameter.requires_grad_(self.trainable == "all" or generation)
+
+    def _instructions(self) -> ScoringInstructions:
+        if self.scoring.instructions == "default":
+            return DEFAULT_INSTRUCTIONS
+        if self.scoring.instructions == "shapeworld":
+            from srum.shapeworld.tasks import SHAPEWORLD_INSTRUCTIONS
+
+            return SHAPEWORLD_INSTRUCTIONS
+        return read_instructions(self.scoring.instructions)
 
     def _proposer(self):
         options: dict[str, Any] = {"max_regions": self.scoring.max_regions}
