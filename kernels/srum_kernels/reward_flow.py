@@ -48,13 +48,10 @@ def _bilinear_reward(maps_ptr, local, rows, cols, map_offset, height, width):
 
 
 @triton.jit
-def _fwd_kernel(v_ptr, t_ptr, c_ptr, maps_ptr, grad_ptr, partial_ptr, block_image_ptr, block_start_ptr,
-                token_offset_ptr, rows_ptr, cols_ptr, map_offset_ptr, height_ptr, width_ptr,
-                channels, grad_scale, constraint_weight, margin, stride_v, stride_t, stride_c, stride_g,
-                HAS_CONSTRAINT: tl.constexpr, HINGE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program: BLOCK_T tokens of one image x all channels. Writes this block's loss sum (unnormalised)
-    to ``partial[pid]`` and dL/dv for its tokens."""
-    pid = tl.program_id(0)
+def _block_rewards(pid, maps_ptr, block_image_ptr, block_start_ptr, token_offset_ptr, rows_ptr, cols_ptr,
+                   map_offset_ptr, height_ptr, width_ptr, BLOCK_T: tl.constexpr):
+    """Program ``pid``'s tokens: packed indexes (BLOCK_T,) (masked lanes point at the image's first token), the
+    mask of real tokens, and their rewards."""
     image = tl.load(block_image_ptr + pid)
     rows, cols = tl.load(rows_ptr + image), tl.load(cols_ptr + image)
     local = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK_T)
@@ -62,8 +59,19 @@ def _fwd_kernel(v_ptr, t_ptr, c_ptr, maps_ptr, grad_ptr, partial_ptr, block_imag
     local = tl.where(token_mask, local, 0)
     reward = _bilinear_reward(maps_ptr, local, rows, cols, tl.load(map_offset_ptr + image),
                               tl.load(height_ptr + image), tl.load(width_ptr + image))
+    return tl.load(token_offset_ptr + image) + local, token_mask, reward
 
-    token = tl.load(token_offset_ptr + image) + local
+
+@triton.jit
+def _fwd_kernel(v_ptr, t_ptr, c_ptr, maps_ptr, grad_ptr, partial_ptr, block_image_ptr, block_start_ptr,
+                token_offset_ptr, rows_ptr, cols_ptr, map_offset_ptr, height_ptr, width_ptr,
+                channels, grad_scale, constraint_weight, margin, stride_v, stride_t, stride_c, stride_g,
+                HAS_CONSTRAINT: tl.constexpr, HINGE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program: BLOCK_T tokens of one image x all channels. Writes this block's loss sum (unnormalised)
+    to ``partial[pid]`` and dL/dv for its tokens."""
+    pid = tl.program_id(0)
+    token, token_mask, reward = _block_rewards(pid, maps_ptr, block_image_ptr, block_start_ptr, token_offset_ptr,
+                                               rows_ptr, cols_ptr, map_offset_ptr, height_ptr, width_ptr, BLOCK_T)
     channel = tl.arange(0, BLOCK_C)
     mask = token_mask[:, None] & (channel < channels)[None, :]
     v = tl.load(v_ptr + token[:, None] * stride_v + channel[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -93,14 +101,9 @@ def _sample_kernel(maps_ptr, out_ptr, block_image_ptr, block_start_ptr, token_of
                    map_offset_ptr, height_ptr, width_ptr, BLOCK_T: tl.constexpr):
     """Per-token rewards of BLOCK_T tokens of one image (for consumers that want the weights themselves)."""
     pid = tl.program_id(0)
-    image = tl.load(block_image_ptr + pid)
-    rows, cols = tl.load(rows_ptr + image), tl.load(cols_ptr + image)
-    local = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK_T)
-    token_mask = local < rows * cols
-    local = tl.where(token_mask, local, 0)
-    reward = _bilinear_reward(maps_ptr, local, rows, cols, tl.load(map_offset_ptr + image),
-                              tl.load(height_ptr + image), tl.load(width_ptr + image))
-    tl.store(out_ptr + tl.load(token_offset_ptr + image) + local, reward, mask=token_mask)
+    token, token_mask, reward = _block_rewards(pid, maps_ptr, block_image_ptr, block_start_ptr, token_offset_ptr,
+                                               rows_ptr, cols_ptr, map_offset_ptr, height_ptr, width_ptr, BLOCK_T)
+    tl.store(out_ptr + token, reward, mask=token_mask)
 
 
 @dataclass
