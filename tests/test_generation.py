@@ -14,6 +14,7 @@ from srum.generation.text import DecodingConfig, candidate_logprobs, generate_te
 from srum.model.build import build_random
 from srum.model.config import BagelConfig
 from srum.model.packing import Text, VaeImage, pack
+from srum.model.patches import patchify
 from srum.model.qwen2 import packed_attention_fn
 from srum.model.synthetic import special_tokens_for
 
@@ -224,3 +225,25 @@ def test_each_context_stops_on_its_own(model, special):
     stopped = generate_text(contexts, DecodingConfig(max_new_tokens=5, stop_token_ids=(stop,)))
     assert stopped[0] == free[0][: free[0].index(stop)]
     assert stopped[1] == (free[1][: free[1].index(stop)] if stop in free[1] else free[1])
+
+
+def test_cached_clean_image_context_equals_the_full_sequence(model, special, config):
+    """Editing-style context: a prompt and a clean latent image cached, then a noised image denoised after it."""
+    prompt, grid = _prompts(1, seed=31)[0], (2, 3)
+    patch = config.latent_patch_size
+    generator = torch.Generator().manual_seed(4)
+    clean = torch.randn(config.ae.z_channels, 2 * patch, 3 * patch, generator=generator, dtype=torch.float64)
+    contexts = ContextBatch(model, special, 1)
+    contexts.add_text([prompt])
+    contexts.add_vae_images([clean])
+    x = torch.randn(6, config.latent_channels, generator=generator, dtype=torch.float64)
+    t = torch.full((6,), 0.4, dtype=torch.float64)
+    cached = contexts.velocity(contexts.denoising_query([grid]), x, t)
+
+    zeros = torch.zeros_like(clean)
+    full = pack([[Text(prompt), VaeImage(clean), VaeImage(zeros, timestep=0.4)]], config, special)
+    inputs = torch.cat([patchify(clean, patch), x])  # clean tokens as they are (t = 0), then x_t
+    with torch.no_grad():
+        hidden = model.hidden_states(full, model.embed(full, inputs), packed_attention_fn(full.layout))
+        recomputed = model.predict_velocity(hidden[full.latent_indexes[6:]])
+    torch.testing.assert_close(cached, recomputed, **TIGHT)
