@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks import their shared providers as plain modules
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -10,9 +15,3 @@ def pytest_configure(config: pytest.Config) -> None:
     # registering it here too keeps `--strict-markers` runs working whatever plugins are loaded.
     config.addinivalue_line("markers", "benchmark: a pytest-benchmark timing (lives in benchmarks_perf/)")
 
-
-
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))  # benchmarks import their shared providers as plain modules

@@ -10,6 +10,7 @@ import torch
 
 from srum.cli import main
 from srum.generation.pipeline import Pipeline, resize_for_vit
+from srum.model.autoencoder import from_uint8_image
 from srum.model.overfit import overfit
 from srum.model.packing import Text, VitImage, pack
 from srum.reward.instructions import DEFAULT_INSTRUCTIONS
@@ -38,7 +39,7 @@ def test_expected_score_agrees_with_the_text_score_when_the_model_is_certain(che
     prompt = "a red cube left of a blue ball"
     question = DEFAULT_INSTRUCTIONS.global_instruction(prompt)
     answer = "Score: 0.7\nReason: the cube is left of the ball."
-    pixels = resize_for_vit(image.permute(2, 0, 1).float() / 127.5 - 1, *pipeline.vit_transform)
+    pixels = resize_for_vit(from_uint8_image(image), *pipeline.vit_transform)
     batch = pack([[VitImage(pixels), Text(pipeline.encode(question)), Text(pipeline.encode(answer), loss=True)]],
                  pipeline.model.config, pipeline.special)
     losses = overfit(pipeline.model, batch, steps=60, lr=3e-3)

@@ -311,3 +311,8 @@ def to_uint8_images(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"images: expected shape (B, C, H, W), got {tuple(images.shape)}")
     pixels = (images * 0.5 + 0.5).clamp(0, 1) * 255
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def from_uint8_image(image: torch.Tensor) -> torch.Tensor:
+    """Pixels (H, W, C) uint8, as images are saved, to the model's (C, H, W) float in [-1, 1]."""
+    return image.permute(2, 0, 1).float() / 127.5 - 1

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from srum.generation.pipeline import Pipeline
 from srum.generation.text import DecodingConfig
+from srum.model.autoencoder import from_uint8_image
 from srum.reward.instructions import DEFAULT_INSTRUCTIONS, SCORE_PREFIX, ScoringInstructions, score_candidates
 from srum.reward.parsing import parse_number, parse_region_answer, parse_score_answer
 from srum.reward.proposals import Region, RegionProposer
@@ -85,7 +86,8 @@ class SelfScorer:
             return self.instructions.sample_instruction(prompt)
         return self.instructions.global_instruction(prompt)
 
-    def _expected(self, images: list[Tensor], questions: list[str]) -> list[float]:
+    def expected(self, images: list[Tensor], questions: list[str]) -> list[float]:
+        """Probability-weighted score of each image ((3, H, W) in [-1, 1]) under its instruction."""
         if not images:
             return []
         options = [[SCORE_PREFIX + c for c in self.candidates]] * len(images)
@@ -102,7 +104,7 @@ class SelfScorer:
               prompt_ids: list[str | None] | None = None) -> list[RewardRecord]:
         """Records for uint8 images (H, W, 3) drawn for ``prompts``."""
         config, prompt_ids = self.config, prompt_ids or [None] * len(images)
-        pixels = [image.permute(2, 0, 1).float() / 127.5 - 1 for image in images]  # (3, H, W) in [-1, 1]
+        pixels = [from_uint8_image(image) for image in images]
         proposals = self.proposer.propose_batch(images)
         frames = [self.pipeline.vit_frame(*image.shape[:2]) for image in images]
         seen_boxes = [[_scale_box(region, tuple(image.shape[:2]), frame) for region in regions]
@@ -128,11 +130,11 @@ class SelfScorer:
         expected_global: list[float | None] = [None] * len(images)
         expected_regions: list[list[float | None]] = [[None] * len(boxes) for boxes in seen_boxes]
         if config.method in ("expected", "both"):
-            expected_global = self._expected(pixels, global_questions)
+            expected_global = self.expected(pixels, global_questions)
             pairs = [(i, k) for i, boxes in enumerate(seen_boxes) for k in range(len(boxes))]
             questions = [self.instructions.single_region_instruction(prompts[i], seen_boxes[i][k], frames[i][1],
                                                                      frames[i][0]) for i, k in pairs]
-            for (i, k), value in zip(pairs, self._expected([pixels[i] for i, _ in pairs], questions), strict=True):
+            for (i, k), value in zip(pairs, self.expected([pixels[i] for i, _ in pairs], questions), strict=True):
                 expected_regions[i][k] = value
 
         records = []

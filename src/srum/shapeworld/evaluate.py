@@ -11,11 +11,11 @@ import torch
 
 from srum.generation.pipeline import Pipeline
 from srum.generation.sampler import SamplerConfig
-from srum.reward.instructions import SCORE_PREFIX, score_candidates
-from srum.reward.parsing import parse_number
-from srum.reward.scorer import expected_scores
+from srum.model.autoencoder import from_uint8_image
+from srum.reward.proposals import WholeImageProposer
+from srum.reward.scorer import ScorerConfig, SelfScorer
 from srum.shapeworld.checker import Verdict, report, score
-from srum.shapeworld.tasks import SHAPEWORLD_INSTRUCTIONS, perturb, pixels
+from srum.shapeworld.tasks import SHAPEWORLD_INSTRUCTIONS, perturb
 from srum.shapeworld.world import CATEGORIES, SIZE, Prompt, render, sample_spec, scene_for
 
 
@@ -42,12 +42,9 @@ def evaluate_generation(pipeline: Pipeline, prompts: list[Prompt], sampler: Samp
 
 def global_expected_scores(pipeline: Pipeline, images: list[torch.Tensor], prompts: list[str]) -> torch.Tensor:
     """The model's probability-weighted global score of each image against its prompt, (N,)."""
-    candidates = score_candidates()
-    values = torch.tensor([parse_number(c) for c in candidates])
+    scorer = SelfScorer(pipeline, WholeImageProposer(), ScorerConfig(method="expected"), SHAPEWORLD_INSTRUCTIONS)
     questions = [SHAPEWORLD_INSTRUCTIONS.global_instruction(p) for p in prompts]
-    logprobs = torch.stack(pipeline.score([pixels(i) for i in images], questions,
-                                          [[SCORE_PREFIX + c for c in candidates]] * len(images)))
-    return expected_scores(logprobs, values.to(logprobs.device)).cpu()
+    return torch.tensor(scorer.expected([from_uint8_image(i) for i in images], questions))
 
 
 def evaluate_judge(pipeline: Pipeline, count: int = 200, seed: int = 0, split: str = "test") -> dict[str, float]:

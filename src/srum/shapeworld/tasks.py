@@ -8,8 +8,8 @@ import random
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor
 
+from srum.model.autoencoder import from_uint8_image
 from srum.model.packing import Item, Text, VaeImage, VitImage
 from srum.reward.instructions import DEFAULT_INSTRUCTIONS, ScoringInstructions
 from srum.shapeworld.world import (
@@ -37,11 +37,6 @@ SHAPEWORLD_INSTRUCTIONS: ScoringInstructions = DEFAULT_INSTRUCTIONS.replace(
     sample_template="How well does the picture show '{prompt}'? Score from -1 to 1.",
     version="shapeworld-1",
 )
-
-
-def pixels(image: Tensor) -> Tensor:
-    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""
-    return image.permute(2, 0, 1).float() / 127.5 - 1
 
 
 def perturb(scene: Scene, spec: Spec, rng: random.Random) -> Scene:
@@ -107,7 +102,7 @@ class ShapeWorldTasks:
         return Text(self.encode(text), loss=loss)
 
     def text_to_image(self, spec: Spec, scene: Scene, rng: random.Random) -> list[Item]:
-        latent = self.autoencoder.encode(pixels(render(scene))[None])[0]
+        latent = self.autoencoder.encode(from_uint8_image(render(scene))[None])[0]
         timestep = float(torch.sigmoid(torch.tensor(rng.gauss(0.0, 1.0))))
         image = VaeImage(latent, timestep=timestep)
         return [image] if rng.random() < self.text_dropout else [self._text(spec.text()), image]
@@ -116,7 +111,7 @@ class ShapeWorldTasks:
         clean = rng.random() < 0.5
         shown = scene if clean else perturb(scene, spec, rng)
         question = SHAPEWORLD_INSTRUCTIONS.global_instruction(spec.text())
-        return [VitImage(pixels(render(shown))), self._text(question),
+        return [VitImage(from_uint8_image(render(shown))), self._text(question),
                 self._text(_score_text(1.0 if clean else -1.0), loss=True)]
 
     def region_score(self, spec: Spec, scene: Scene, rng: random.Random) -> list[Item]:
@@ -125,7 +120,7 @@ class ShapeWorldTasks:
         box = [obj.cell[1] * CELL, obj.cell[0] * CELL, (obj.cell[1] + 1) * CELL, (obj.cell[0] + 1) * CELL]
         side = GRID * CELL
         question = SHAPEWORLD_INSTRUCTIONS.single_region_instruction(spec.text(), box, side, side)
-        return [VitImage(pixels(render(shown))), self._text(question),
+        return [VitImage(from_uint8_image(render(shown))), self._text(question),
                 self._text(_score_text(1.0 if wanted(obj, spec) else -1.0), loss=True)]
 
     def question(self, spec: Spec, scene: Scene, rng: random.Random) -> list[Item]:
@@ -135,7 +130,7 @@ class ShapeWorldTasks:
             question, answer = f"How many {colour} {shape}s are there?", NUMBERS.get(count, "zero")
         else:
             question, answer = f"Is there a {colour} {shape}?", "yes" if count else "no"
-        return [VitImage(pixels(render(scene))), self._text(question), self._text(answer, loss=True)]
+        return [VitImage(from_uint8_image(render(scene))), self._text(question), self._text(answer, loss=True)]
 
     def sample(self, rng: random.Random, split: str = "train") -> list[Item]:
         spec = sample_spec(rng.choice(CATEGORIES), rng, split)

@@ -29,6 +29,7 @@ from srum.generation.prompts import Prompt
 from srum.generation.sampler import SamplerConfig
 from srum.generation.text import DecodingConfig
 from srum.loss import Impl, LossConfig, dense_reward_flow_loss
+from srum.model.autoencoder import from_uint8_image
 from srum.model.bagel import Bagel
 from srum.model.checkpoint import load_checkpoint
 from srum.model.flow import logit_normal_timesteps
@@ -293,7 +294,7 @@ class SRUMModule(L.LightningModule):
         self._images_per_rank = len(records)
         latents = []
         for position, record in enumerate(records):
-            image = read_image(Path(folder) / record.image_file).permute(2, 0, 1).float() / 127.5 - 1
+            image = from_uint8_image(read_image(Path(folder) / record.image_file))
             generator = self._generator(index, position, purpose=1)
             latents.append(self.autoencoder.encode(image[None].to(self.device), generator=generator)[0])
         return StepSamples([r.prompt for r in records], latents, self._reward_maps(records), records)
