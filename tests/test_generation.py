@@ -59,7 +59,7 @@ def test_cached_denoising_equals_the_full_sequence(model, special, config):
                 config, special)
     with torch.no_grad():
         hidden = model.hidden_states(full, model.embed(full, x), packed_attention_fn(full.layout))
-        recomputed = model.predict_velocity(hidden[full.latent_indexes])
+        recomputed = model.predict_velocity(hidden[full.latent_indexes], x, full.latent_timesteps)
     torch.testing.assert_close(cached, recomputed, **TIGHT)
 
 
@@ -245,5 +245,5 @@ def test_cached_clean_image_context_equals_the_full_sequence(model, special, con
     inputs = torch.cat([patchify(clean, patch), x])  # clean tokens as they are (t = 0), then x_t
     with torch.no_grad():
         hidden = model.hidden_states(full, model.embed(full, inputs), packed_attention_fn(full.layout))
-        recomputed = model.predict_velocity(hidden[full.latent_indexes[6:]])
+        recomputed = model.predict_velocity(hidden[full.latent_indexes[6:]], x, t)
     torch.testing.assert_close(cached, recomputed, **TIGHT)

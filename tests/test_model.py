@@ -175,6 +175,24 @@ def test_fresh_model_predicts_zero_velocity(config):
     assert torch.count_nonzero(model(batch).velocity) == 0
 
 
+def test_clean_prediction_turns_the_predicted_x0_into_the_velocity(config):
+    clean = dataclasses.replace(config, prediction="clean", min_flow_time=0.2)
+    model = _random_model(clean)
+    batch = pack(_double(SampleFactory(clean, seed=5).mixed(4)), clean, special_tokens_for(clean))
+    tokens = batch.latent_timesteps.numel()
+    batch = dataclasses.replace(batch, latent_timesteps=torch.linspace(0.01, 0.9, tokens, dtype=torch.float64))
+    noise = _noise(batch)
+    out = model(batch, noise=noise)
+    velocity_model = Bagel(dataclasses.replace(clean, prediction="velocity")).double()
+    velocity_model.load_state_dict(model.state_dict())
+    predicted_x0 = velocity_model(batch, noise=noise).velocity  # the same head read as it is
+    x0, t = batch.latent_tokens[out.mse_indexes], batch.latent_timesteps[out.mse_indexes]
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * noise[out.mse_indexes]
+    expected = (x_t - predicted_x0) / t.clamp_min(0.2)[:, None]
+    torch.testing.assert_close(out.velocity, expected, **TOLERANCE)
+    assert (t < 0.2).any() and (t > 0.2).any()  # both sides of the clamp are exercised
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # eager flex attention on the CPU warns that it is slow
 def test_flex_backend_gives_the_sdpa_forward(config):
     model = build_random(config, seed=2).eval()

@@ -89,7 +89,7 @@ class ContextBatch:
         the cache without writing it."""
         query = dataclasses.replace(query, latent_timesteps=t.to(query.latent_timesteps))
         hidden = self._run(query, x_t, causal=False, update=False)
-        return self.model.predict_velocity(hidden[query.latent_indexes])
+        return self.model.predict_velocity(hidden[query.latent_indexes], x_t, query.latent_timesteps)
 
     @torch.no_grad()
     def decode_step(self, token_ids: Tensor) -> Tensor:

@@ -126,18 +126,25 @@ class Bagel(nn.Module):
         x0, t = batch.latent_tokens, batch.latent_timesteps
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-        embeds = self.embed(batch, interpolate(x0, noise, t), backend)
+        x_t = interpolate(x0, noise, t)
+        embeds = self.embed(batch, x_t, backend)
         hidden = self.hidden_states(batch, embeds, packed_attention_fn(batch.layout, backend))
 
         logits = self.language_model.lm_head(hidden[batch.ce_indexes])
         mse_indexes = (t > 0).nonzero().squeeze(1)
         target = (noise - x0)[mse_indexes]
-        velocity = self.predict_velocity(hidden[batch.latent_indexes[mse_indexes]])
+        velocity = self.predict_velocity(hidden[batch.latent_indexes[mse_indexes]], x_t[mse_indexes],
+                                         t[mse_indexes])
         return BagelOutput(logits=logits, labels=batch.ce_labels, velocity=velocity, target_velocity=target,
                            mse_indexes=mse_indexes)
 
-    def predict_velocity(self, hidden: Tensor) -> Tensor:
-        """Velocity of latent tokens from their final-normed hidden states, (N, latent_channels)."""
+    def predict_velocity(self, hidden: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Velocity of latent tokens x_t (N, latent_channels) at times t (N,) from their final-normed hidden
+        states, (N, latent_channels)."""
         if not self.config.visual_gen:
             return hidden.new_zeros(0, self.config.latent_channels)
-        return self.llm2vae(hidden)
+        head = self.llm2vae(hidden)
+        if self.config.prediction == "velocity":
+            return head
+        t = t.to(head.dtype).clamp_min(self.config.min_flow_time)[:, None]
+        return (x_t.to(head.dtype) - head) / t

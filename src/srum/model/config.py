@@ -206,6 +206,12 @@ class BagelConfig:
     """Activation between the connector's two layers."""
     timestep_shift: float = 1.0
     """Training-time shift ``t <- s t / (1 + (s - 1) t)``."""
+    prediction: Literal["velocity", "clean"] = "velocity"
+    """What ``llm2vae`` outputs: the velocity (BAGEL), or the clean latent x0, turned into the velocity
+    ``(x_t - x0) / max(t, min_flow_time)`` so losses and samplers stay in velocity space. Small models learn sharp
+    images faster from clean prediction."""
+    min_flow_time: float = 0.05
+    """Lower bound of t in the clean-to-velocity conversion (keeps the loss weight ``1 / t^2`` finite)."""
 
     def __post_init__(self) -> None:
         for name, kind in (("llm", LLMConfig), ("vit", ViTConfig), ("ae", AEConfig)):
@@ -215,6 +221,8 @@ class BagelConfig:
         _check(self.llm.hidden_size % 4 == 0, "llm.hidden_size", "a multiple of 4 (2-D sin-cos tables)",
                self.llm.hidden_size)
         _check(self.timestep_shift > 0, "timestep_shift", "a positive number", self.timestep_shift)
+        _check(self.prediction in ("velocity", "clean"), "prediction", "velocity or clean", self.prediction)
+        _check(0 < self.min_flow_time <= 1, "min_flow_time", "a number in (0, 1]", self.min_flow_time)
 
     @property
     def vit_max_num_patch_per_side(self) -> int:
@@ -297,6 +305,7 @@ def _shapeworld() -> BagelConfig:
         ae=AEConfig(kind="pixel_shuffle", z_channels=108, pixel_shuffle_factor=6, scale_factor=1.0,
                     shift_factor=0.0),
         max_latent_size=4,
+        prediction="clean",
     )
 
 
