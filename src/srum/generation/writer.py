@@ -22,7 +22,7 @@ from srum.generation.pipeline import Pipeline
 from srum.generation.prompts import Prompt
 from srum.generation.sampler import SamplerConfig
 from srum.generation.text import DecodingConfig
-from srum.io.jsonl import append_jsonl, read_jsonl, rewrite_jsonl
+from srum.io.jsonl import append_jsonl, check_settings, read_jsonl, rewrite_jsonl
 
 log = logging.getLogger(__name__)
 RECORDS = "records.jsonl"
@@ -54,16 +54,26 @@ def _save_png(pixels, path: Path) -> None:
     os.replace(temporary, path)
 
 
+def read_image_records(path: Path) -> list[dict]:
+    """The records of a file with one record per image (images made, judgements); a record without an
+    ``image_file`` raises a ValueError naming the file and the line."""
+    records = read_jsonl(path)
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict) or not isinstance(record.get("image_file"), str):
+            raise ValueError(f"{path}:{number}: expected a record with an image_file")
+    return records
+
+
 def generate_to_folder(pipeline: Pipeline, prompts: list[Prompt], out: Path, sampler: SamplerConfig,
                        images_per_prompt: int = 1, seed: int = 42, batch_size: int = 4, height: int = 1024,
-                       width: int = 1024, think: bool = False, max_think_tokens: int = 1000) -> int:
-    """Generate what is missing in ``out``; returns the number of images written by this call."""
+                       width: int = 1024, think: bool = False, max_think_tokens: int = 1000,
+                       extra_settings: dict | None = None) -> int:
+    """Generate what is missing in ``out``; returns the number of images written by this call.
+
+    ``extra_settings`` (such as the checkpoint) are recorded and locked with the sampler settings."""
     out.mkdir(parents=True, exist_ok=True)
     records_path = out / RECORDS
-    records = read_jsonl(records_path)
-    missing = [f"line {n}" for n, r in enumerate(records, 1) if not isinstance(r, dict) or "image_file" not in r]
-    if missing:
-        raise ValueError(f"{records_path}: {missing[0]}: expected a record with an image_file")
+    records = read_image_records(records_path)
     kept = [record for record in records if (out / record["image_file"]).exists()]
     if len(kept) < len(records):  # images deleted since: drop their records too, or the re-made ones would repeat
         rewrite_jsonl(records_path, kept)
@@ -72,18 +82,14 @@ def generate_to_folder(pipeline: Pipeline, prompts: list[Prompt], out: Path, sam
             for prompt in prompts for index in range(images_per_prompt)]
     todo = [job for job in jobs if job.image_file not in done]
     log.info("%d images to generate (%d already in %s)", len(todo), len(jobs) - len(todo), out)
-    settings = {**asdict(sampler), "height": height, "width": width, "think": think, "run_seed": seed}
+    settings = {**asdict(sampler), "height": height, "width": width, "think": think, "run_seed": seed,
+                **(extra_settings or {})}
     decoding = None
     if think:
         decoding = DecodingConfig(max_new_tokens=max_think_tokens)
         settings["max_think_tokens"] = max_think_tokens
     settings = json.loads(json.dumps(settings))  # as a record stores them (tuples become lists)
-    for record in kept:
-        if record.get("settings") != settings:
-            changed = sorted(k for k in settings.keys() | record.get("settings", {}).keys()
-                             if settings.get(k) != record.get("settings", {}).get(k))
-            raise ValueError(f"{records_path}: holds images made with other settings ({', '.join(changed)}); "
-                             "use another --out")
+    check_settings(records_path, kept, settings, "images")
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         result = pipeline.generate([job.prompt.text for job in batch], [job.seed for job in batch], sampler,
@@ -98,3 +104,18 @@ def generate_to_folder(pipeline: Pipeline, prompts: list[Prompt], out: Path, sam
             append_jsonl(records_path, record)
         log.info("%d / %d", min(start + batch_size, len(todo)), len(todo))
     return len(todo)
+
+
+def pending_images(folder: Path, done: set[str]) -> list[dict]:
+    """The records of ``folder``'s images whose file name is not in ``done``, in order, for a later stage (scoring,
+    judging) to resume; an image deleted since it was made is skipped with a warning."""
+    records_path = folder / RECORDS
+    todo = []
+    for number, record in enumerate(read_image_records(records_path), start=1):
+        if record["image_file"] in done:
+            continue
+        if not (folder / record["image_file"]).is_file():
+            log.warning("%s:%d: image %s is missing; skipped", records_path, number, record["image_file"])
+            continue
+        todo.append(record)
+    return todo

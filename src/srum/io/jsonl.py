@@ -1,5 +1,5 @@
 """JSONL files that survive being killed: one record per line, each append a single flushed and synced write,
-a torn last line cut off on the next read, rewrites through a temporary file."""
+a torn last line cut off on the next read, rewrites (and whole JSON files) through a temporary file."""
 
 from __future__ import annotations
 
@@ -40,10 +40,32 @@ def append_jsonl(path: Path, record: Any) -> None:
         os.fsync(file.fileno())
 
 
-def rewrite_jsonl(path: Path, records: list[Any]) -> None:
+def _replace_text(path: Path, text: str) -> None:
+    """Write through a temporary file and rename it: a reader sees the old file or the new one, never a part."""
     temporary = path.with_name(f".{path.name}.tmp")
     with temporary.open("w", encoding="utf-8") as file:
-        file.write("".join(json.dumps(record) + "\n" for record in records))
+        file.write(text)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
+
+
+def rewrite_jsonl(path: Path, records: list[Any]) -> None:
+    _replace_text(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """One JSON document, indented, written whole or not at all."""
+    _replace_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def check_settings(path: Path, records: list[dict], settings: dict, what: str) -> None:
+    """A resumable record file holds the results of one set of settings: refuse to add results made otherwise.
+
+    ``settings`` must be as a record stores them (through JSON: tuples become lists)."""
+    for record in records:
+        if record.get("settings") != settings:
+            changed = sorted(k for k in settings.keys() | record.get("settings", {}).keys()
+                             if settings.get(k) != record.get("settings", {}).get(k))
+            raise ValueError(f"{path}: holds {what} made with other settings ({', '.join(changed)}); "
+                             "use another --out")

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from srum.generation.writer import RECORDS
-from srum.io.jsonl import read_jsonl
+from srum.generation.writer import pending_images
 from srum.reward.records import append_record, load_records
 from srum.reward.scorer import SelfScorer
 
@@ -28,18 +27,8 @@ def read_image(path: Path) -> torch.Tensor:
 
 def score_rollouts(scorer: SelfScorer, rollouts: Path, out: Path, batch_size: int = 4) -> int:
     """Score what is missing in ``out``; returns the number of records written by this call."""
-    generated = read_jsonl(rollouts / RECORDS)
     done = {r.image_file for r in load_records(out, strict=False).records} if out.exists() else set()
-    todo = []
-    for number, record in enumerate(generated, start=1):
-        if not isinstance(record, dict) or not isinstance(record.get("image_file"), str):
-            raise ValueError(f"{rollouts / RECORDS}:{number}: expected a record with an image_file")
-        if record["image_file"] in done:
-            continue
-        if not (rollouts / record["image_file"]).is_file():
-            log.warning("%s:%d: image %s is missing; not scored", rollouts / RECORDS, number, record["image_file"])
-            continue
-        todo.append(record)
+    todo = pending_images(rollouts, done)
     log.info("%d images to score (%d already in %s)", len(todo), len(done), out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(todo), batch_size):
