@@ -123,6 +123,8 @@ def test_mean_rule_and_ablations():
     assert torch.allclose(global_only, torch.full((4, 8), 0.25))
     local_only = pixel_maps(regions, 4, 8, MapConfig(ablation="local_only"))[0]
     assert local_only[0, 0] == pytest.approx(0.8) and local_only[0, 7] == pytest.approx(0.5)
+    uniform = token_rewards(regions, [(4, 8)], [(2, 4)], MapConfig(ablation="uniform"))
+    assert torch.equal(uniform, torch.ones(8))
 
 
 def test_no_regions_and_missing_global():

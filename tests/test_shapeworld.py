@@ -88,7 +88,7 @@ def test_tasks_answer_from_the_ground_truth():
     assert isinstance(image[-1], VaeImage) and image[-1].latent.shape == (108, 6, 6)
     vit, question, answer = tasks.global_score(spec, scene, random.Random(2))
     assert isinstance(vit, VitImage) and isinstance(answer, Text) and answer.loss
-    assert all(wanted(o, spec) for o in scene.objects)
+    assert all(wanted(o.colour, o.shape, spec) for o in scene.objects)
     texts = corpus(count=20)
     prefix = SHAPEWORLD_INSTRUCTIONS.global_instruction("X").split("X")[0]
     assert sum(text.startswith(prefix) for text in texts) == 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -223,6 +224,31 @@ def export(ckpt: Path, out: Path, weights: Literal["model", "ema"] = "model", ba
     log.info("exported %s to %s", ckpt, out)
 
 
+def shapeworld_summarize(arms: dict[str, list[Path]]) -> None:
+    """Tabulate ShapeWorld reports of several runs: each arm's SRUM - base difference, mean +- std over its runs.
+
+    Args:
+        arms: arm name -> ``report.json`` files of its runs (e.g. one per seed), as JSON:
+            ``--arms '{"srum": ["runs/s0/report/report.json", ...], "uniform": [...]}'``.
+    """
+    from srum.shapeworld.report import summarize
+
+    loaded = {}
+    for arm, paths in arms.items():
+        loaded[arm] = []
+        for path in paths:
+            try:
+                report = json.loads(Path(path).read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise ValueError(f"{path}: cannot read the report ({error})") from None
+            if "difference" not in report:
+                raise ValueError(f"{path}: field 'difference' missing: expected the report of a srum fit run")
+            loaded[arm].append(report)
+    if not loaded:
+        raise ValueError("arms: expected at least one arm with report files")
+    Console().print(summarize(loaded))
+
+
 COMMANDS = {
     "generate": generate,
     "score": score,
@@ -232,16 +258,18 @@ COMMANDS = {
         "init": model_init,
         "overfit": model_overfit,
     },
+    "shapeworld": {"summarize": shapeworld_summarize},
 }
 
 
 def _overview() -> str:
     lines = ["usage: srum COMMAND [options]   (srum COMMAND --help for a command's options)", "", "commands:"]
+    from srum.eval.cli import EVAL_COMMANDS
     from srum.train.cli import LIGHTNING_COMMANDS
 
     entries = {**LIGHTNING_COMMANDS, "shapeworld pretrain": "Pretrain ShapeWorld's base model (unified CE + flow "
                "matching) and write its checkpoint."}
-    for name, command in COMMANDS.items():
+    for name, command in {"validate": EVAL_COMMANDS, **COMMANDS}.items():
         if callable(command):
             entries[name] = (command.__doc__ or "").strip().split("\n")[0]
         else:
@@ -259,6 +287,11 @@ def main(args: list[str] | None = None) -> None:
         print(_overview())  # noqa: T201 - the program's own help text
         return
     try:
+        if args[0] == "validate" and args[1:2] and not args[1].startswith("-"):  # a benchmark: srum.eval
+            from srum.eval.cli import run_validate
+
+            run_validate(args[1:])
+            return
         if args[0] in ("fit", "validate", "test", "predict"):
             from srum.train.cli import run_lightning
 

@@ -74,8 +74,26 @@ def _plain(path: Path, text: str) -> list[Prompt]:
     return prompts
 
 
+SHAPEWORLD_SOURCE = "shapeworld:"
+
+
+def _shapeworld(source: str) -> list[Prompt]:
+    """``shapeworld:<split>:<count>[:<seed>]``: prompts drawn by ShapeWorld instead of read from a file."""
+    from srum.shapeworld.world import prompts
+
+    fields = source[len(SHAPEWORLD_SOURCE):].split(":")
+    if len(fields) not in (2, 3) or fields[0] not in ("train", "val", "test") or not all(
+            f.isdigit() for f in fields[1:]) or int(fields[1]) < 1:
+        raise ValueError(f"prompts {source!r}: expected shapeworld:<train|val|test>:<count>[:<seed>]")
+    drawn = prompts(fields[0], int(fields[1]), int(fields[2]) if len(fields) == 3 else 0)
+    return [Prompt(p.prompt_id, p.text, p.category) for p in drawn]
+
+
 def read_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts of a ``.json`` (T2I-CompBench) or any other (plain text) file; ids must be unique."""
+    """Prompts of a ``.json`` (T2I-CompBench) or any other (plain text) file, ids unique; or ShapeWorld's
+    (``shapeworld:<split>:<count>[:<seed>]``)."""
+    if str(path).startswith(SHAPEWORLD_SOURCE):
+        return _shapeworld(str(path))
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")

@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +43,24 @@ class CheckpointError(ValueError):
     """A folder or file that is not a valid checkpoint; the message names the file and what was expected."""
 
 
+SHIPPED_PREFIX = "srum:"
+SHIPPED = {"shapeworld-base": ("srum.shapeworld", "base")}
+"""Checkpoints inside the package, by name: (package, folder)."""
+
+
+def checkpoint_folder(folder: str | Path) -> Path:
+    """A checkpoint folder path, or ``srum:<name>`` for one shipped in the package (``srum:shapeworld-base``)."""
+    text = str(folder)
+    if not text.startswith(SHIPPED_PREFIX):
+        return Path(folder)
+    name = text[len(SHIPPED_PREFIX):]
+    if name not in SHIPPED:
+        raise CheckpointError(f"{text}: no such shipped checkpoint; expected one of "
+                              f"{', '.join(SHIPPED_PREFIX + n for n in SHIPPED)}")
+    package, path = SHIPPED[name]
+    return Path(str(files(package) / path))
+
+
 @dataclass
 class Checkpoint:
     model: Bagel
@@ -52,7 +71,7 @@ class Checkpoint:
 
 def read_config(folder: str | Path) -> BagelConfig:
     """The model config of a checkpoint folder (official files plus the optional ``srum_config.json``)."""
-    folder = Path(folder)
+    folder = checkpoint_folder(folder)
     llm_path = folder / LLM_CONFIG
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder (no such directory)")
@@ -128,7 +147,7 @@ def load_checkpoint(folder: str | Path, *, dtype: torch.dtype = torch.float32, d
         weights: ``ema`` or ``model`` weights; ``auto`` prefers ``ema.safetensors``.
         config: overrides the folder's config (e.g. an official folder of non-7B sizes without srum_config.json).
     """
-    folder = Path(folder)
+    folder = checkpoint_folder(folder)
     config = config or read_config(folder)
     path = weights_file(folder, weights)
     model = _load_module(lambda: Bagel(config), path, dtype, device, optional=RECOMPUTED)

@@ -129,7 +129,9 @@ def load_tokenizer(folder: str | Path) -> LoadedTokenizer:
     Missing special tokens are added (as BAGEL does) and counted in ``num_added`` so the caller can resize the
     embeddings; the Qwen2.5 tokenizer already has all four, so nothing is added for an official checkpoint.
     """
-    folder = Path(folder)
+    from srum.model.checkpoint import checkpoint_folder  # checkpoint imports the model; keep this module light
+
+    folder = checkpoint_folder(folder)
     if not _has_tokenizer_files(folder):
         raise FileNotFoundError(f"no tokenizer in {folder}: expected tokenizer.json or vocab.json + merges.txt")
     if (folder / "tokenizer_config.json").is_file() or (folder / "config.json").is_file():

@@ -23,7 +23,7 @@ from torch import Tensor
 from srum.loss.bilinear import ragged_separable_points
 
 CombineRule = Literal["max_floor", "signed", "mean"]
-Ablation = Literal["none", "global_only", "local_only"]
+Ablation = Literal["none", "global_only", "local_only", "uniform"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class MapConfig:
     each pixel takes the covering score of largest magnitude, so bad regions are negative (R in [-1, 1]).
     ``mean``: background 0.5, covered pixels the mean of (s_k + 1) / 2 over their boxes (R in [0, 1])."""
     ablation: Ablation = "none"
-    """``global_only``: ignore regions. ``local_only``: ignore the global score (factor 1)."""
+    """``global_only``: ignore regions. ``local_only``: ignore the global score (factor 1). ``uniform``: every
+    pixel 1 whatever the scores (the control that shows what the reward adds)."""
 
     @property
     def signed(self) -> bool:
@@ -116,6 +117,8 @@ def grid_values(regions: ScoredRegions, config: MapConfig, ys: Tensor, xs: Tenso
     Returns:
         (B, R, C) float32.
     """
+    if config.ablation == "uniform":
+        return torch.ones(len(regions), ys.shape[1], xs.shape[1])
     boxes = pixel_boxes(regions, heights, widths)  # (B, K, 4)
     x1, y1, x2, y2 = (c[:, None, :] for c in boxes.unbind(-1))  # (B, 1, K)
     in_rows = (ys[..., None] >= y1) & (ys[..., None] < y2)  # (B, R, K)

@@ -68,13 +68,23 @@ def perturb(scene: Scene, spec: Spec, rng: random.Random) -> Scene:
     return Scene(tuple(objects))
 
 
-def wanted(obj: Obj, spec: Spec) -> bool:
+def wanted(colour: str, shape: str, spec: Spec) -> bool:
     """Whether the prompt asks for an object of this colour and shape."""
-    return any(obj.colour == t.colour and obj.shape == t.shape for t in spec.things)
+    return any(colour == t.colour and shape == t.shape for t in spec.things)
 
 
 def _score_text(value: float) -> str:
     return f"Score: {value:.1f}"
+
+
+CAPTION_QUESTION = "Describe the picture."
+_ROWS, _COLUMNS = ("top", "middle", "bottom"), ("left", "centre", "right")
+
+
+def caption(scene: Scene) -> str:
+    """Every object in reading order with its cell: ``top left red square, bottom centre blue circle``."""
+    objects = sorted(scene.objects, key=lambda o: o.cell)
+    return ", ".join(f"{_ROWS[o.cell[0]]} {_COLUMNS[o.cell[1]]} {o.colour} {o.shape}" for o in objects) or "nothing"
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,9 @@ class TaskMix:
     """The single-region scoring instruction on one object of a clean or wrong render."""
     question: float = 0.15
     """Counting and presence questions."""
+    caption: float = 0.0
+    """Describe the picture, object by object: reading colours and shapes off the image directly, which teaches
+    a randomly initialised vision path far faster than questions whose answer depends on the prompt too."""
 
 
 class ShapeWorldTasks:
@@ -121,7 +134,7 @@ class ShapeWorldTasks:
         side = GRID * CELL
         question = SHAPEWORLD_INSTRUCTIONS.single_region_instruction(spec.text(), box, side, side)
         return [VitImage(from_uint8_image(render(shown))), self._text(question),
-                self._text(_score_text(1.0 if wanted(obj, spec) else -1.0), loss=True)]
+                self._text(_score_text(1.0 if wanted(obj.colour, obj.shape, spec) else -1.0), loss=True)]
 
     def question(self, spec: Spec, scene: Scene, rng: random.Random) -> list[Item]:
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
@@ -132,11 +145,16 @@ class ShapeWorldTasks:
             question, answer = f"Is there a {colour} {shape}?", "yes" if count else "no"
         return [VitImage(from_uint8_image(render(scene))), self._text(question), self._text(answer, loss=True)]
 
+    def caption(self, spec: Spec, scene: Scene, rng: random.Random) -> list[Item]:
+        return [VitImage(from_uint8_image(render(scene))), self._text(CAPTION_QUESTION),
+                self._text(caption(scene), loss=True)]
+
     def sample(self, rng: random.Random, split: str = "train") -> list[Item]:
         spec = sample_spec(rng.choice(CATEGORIES), rng, split)
         scene = scene_for(spec, rng)
-        kinds = [self.text_to_image, self.global_score, self.region_score, self.question]
-        weights = [self.mix.text_to_image, self.mix.global_score, self.mix.region_score, self.mix.question]
+        kinds = [self.text_to_image, self.global_score, self.region_score, self.question, self.caption]
+        weights = [self.mix.text_to_image, self.mix.global_score, self.mix.region_score, self.mix.question,
+                   self.mix.caption]
         return rng.choices(kinds, weights)[0](spec, scene, rng)
 
 
@@ -151,4 +169,6 @@ def corpus(count: int = 2000, seed: int = 0) -> list[str]:
                   _score_text(rng.choice([-1.0, 1.0]))]
     texts += [f"How many {c} {s}s are there? {n}" for c in COLOURS for s in SHAPES for n in NUMBERS.values()]
     texts += [f"Is there a {c} {s}? yes no" for c in COLOURS for s in SHAPES]
+    texts += [CAPTION_QUESTION] + [f"{r} {col} {c} {s}," for r in _ROWS for col in _COLUMNS for c in COLOURS
+                                   for s in SHAPES]
     return texts

@@ -75,6 +75,34 @@ class Scene:
     objects: tuple[Obj, ...] = field(default_factory=tuple)
 
 
+_WORDS = {word: count for count, word in NUMBERS.items()}
+
+
+def _parse_thing(text: str, source: str) -> Thing:
+    words = text.split()
+    if len(words) == 3 and words[1] in COLOURS:
+        count, colour, shape = (1 if words[0] == "a" else _WORDS.get(words[0], 0)), words[1], words[2]
+        shape = shape[:-1] if count > 1 and shape.endswith("s") else shape
+        if count and shape in SHAPES:
+            return Thing(colour, shape, count)
+    raise ValueError(f"prompt {source!r}: expected noun phrases like 'a red square' or 'two blue circles' "
+                     f"(joined by 'and' or a relation), got {text!r}")
+
+
+def parse_spec(text: str) -> Spec:
+    """The spec a ShapeWorld prompt states (the inverse of ``Spec.text``). Texts do not name their category, so
+    it is inferred: a relation makes it spatial (complex if a count exceeds one); otherwise one thing with a count
+    is numeracy and the rest binding."""
+    for relation in RELATIONS:
+        first, found, second = text.partition(f" {relation} ")
+        if found:
+            things = (_parse_thing(first, text), _parse_thing(second, text))
+            category = "complex" if any(t.count > 1 for t in things) else "spatial"
+            return Spec(things, relation=relation, category=category)
+    things = tuple(_parse_thing(part, text) for part in text.split(" and "))
+    return Spec(things, category="numeracy" if len(things) == 1 and things[0].count > 1 else "binding")
+
+
 def _shape_mask(shape: str, size: int) -> Tensor:
     """A boolean mask of a shape filling a ``size`` x ``size`` box."""
     y, x = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")

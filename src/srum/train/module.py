@@ -82,6 +82,9 @@ class ScoringConfig:
     instructions: str = "default"
     """Scoring instructions: ``default`` (srum's wording), ``shapeworld`` (the short ShapeWorld set the base model
     is pretrained on) or a YAML file replacing templates."""
+    judge: Literal["self", "checker"] = "self"
+    """Who scores: the model itself (SRUM), or ShapeWorld's weight-free checker (the oracle arm, ShapeWorld
+    prompts only)."""
 
 
 @dataclass(frozen=True)
@@ -200,8 +203,7 @@ class SRUMModule(L.LightningModule):
                 for name, p in self.model.named_parameters() if p.requires_grad})
         self.pipeline = Pipeline(self.model, self.autoencoder, self.tokenizer, self.special)
         self.model.train()  # the pipeline puts it in eval mode; rollouts switch modes themselves
-        self.scorer = SelfScorer(self.pipeline, self._proposer(), self.scoring.scorer,
-                                 self._instructions()) if self.mode == "online" else None
+        self.scorer = self._scorer() if self.mode == "online" else None
 
     def _set_trainable(self, model: Bagel) -> None:
         """The vision encoder and connector stay frozen; the sin-cos tables are buffers. With LoRA only the
@@ -222,6 +224,15 @@ class SRUMModule(L.LightningModule):
                 continue
             generation = "moe_gen" in name or name.startswith(("time_embedder.", "vae2llm.", "llm2vae."))
             parameter.requires_grad_(self.trainable == "all" or generation)
+
+    def _scorer(self):
+        if self.scoring.judge == "checker":
+            from srum.shapeworld.oracle import CheckerScorer
+
+            return CheckerScorer()
+        if self.scoring.judge != "self":
+            raise ValueError(f"scoring.judge: expected self or checker, got {self.scoring.judge!r}")
+        return SelfScorer(self.pipeline, self._proposer(), self.scoring.scorer, self._instructions())
 
     def _instructions(self) -> ScoringInstructions:
         if self.scoring.instructions == "default":
@@ -274,10 +285,10 @@ class SRUMModule(L.LightningModule):
         records = self.scorer.score(generated.images, texts, names)
         end = time.perf_counter()
         samples = StepSamples(texts, [latent.to(self.device) for latent in generated.latents],
-                              self._reward_maps(records), records)
+                              self.reward_maps(records), records)
         return samples, {"rollout": middle - start, "scoring": end - middle}
 
-    def _reward_maps(self, records: list[RewardRecord]) -> list[Tensor]:
+    def reward_maps(self, records: list[RewardRecord]) -> list[Tensor]:
         """Per image a map at its token grid (so the loss's bilinear sampling is the identity)."""
         factor = self.model.config.latent_downsample
         grids = [(r.height // factor, r.width // factor) for r in records]
@@ -297,7 +308,7 @@ class SRUMModule(L.LightningModule):
             image = from_uint8_image(read_image(Path(folder) / record.image_file))
             generator = self._generator(index, position, purpose=1)
             latents.append(self.autoencoder.encode(image[None].to(self.device), generator=generator)[0])
-        return StepSamples([r.prompt for r in records], latents, self._reward_maps(records), records)
+        return StepSamples([r.prompt for r in records], latents, self.reward_maps(records), records)
 
     # -------------------------------------------------------------------------------------------------- loss
 

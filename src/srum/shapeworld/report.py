@@ -1,0 +1,124 @@
+"""A ShapeWorld report: one or more evaluated models (base and SRUM, say) as JSON, a Markdown table, a rich table
+on the terminal, and PNG grids of the same prompts drawn by each with their self-reward maps overlaid."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from srum.train.callbacks import reward_grid
+
+
+def rows(summaries: dict[str, dict]) -> list[tuple[str, list[float]]]:
+    """(metric, one value per model) in display order: categories, overall, pass rate, judge, agreement."""
+    first = next(iter(summaries.values()))
+    names = list(first["categories"])
+    out = [(name, [s["categories"][name]["score"] for s in summaries.values()]) for name in names]
+    out.append(("overall", [s["overall"] for s in summaries.values()]))
+    out.append(("pass rate %", [100 * s["pass_rate"] for s in summaries.values()]))
+    out.append(("judge balanced acc. %", [100 * s["judge"]["balanced_accuracy"] for s in summaries.values()]))
+    out.append(("agreement with checker %", [100 * s["agreement_with_checker"] for s in summaries.values()]))
+    return out
+
+
+def _headers(summaries: dict[str, dict]) -> list[str]:
+    labels = list(summaries)
+    return labels + ([f"{labels[-1]} - {labels[0]}"] if len(labels) > 1 else [])
+
+
+def _cells(values: list[float]) -> list[str]:
+    cells = [f"{v:.1f}" for v in values]
+    return cells + ([f"{values[-1] - values[0]:+.1f}"] if len(values) > 1 else [])
+
+
+def markdown_table(summaries: dict[str, dict]) -> str:
+    headers = ["metric", *_headers(summaries)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join([name, *_cells(values)]) + " |" for name, values in rows(summaries)]
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(summaries: dict[str, dict], title: str = "ShapeWorld (test split)") -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    for header in _headers(summaries):
+        table.add_column(header, justify="right")
+    for name, values in rows(summaries):
+        table.add_row(name, *_cells(values))
+    return table
+
+
+def check_finite(value, where: str = "report") -> None:
+    """Every number of a JSON-ready structure is finite (a report with NaN in it is a failed run)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_finite(item, f"{where}.{key}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_finite(item, f"{where}[{index}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: expected a finite number, got {value}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        file.write(text)
+    os.replace(temporary, path)
+
+
+def grid(panels: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[str]]]) -> Image.Image:
+    """One reward grid per model (images over their overlays), stacked top to bottom in the given order."""
+    parts = [reward_grid(images, maps, [f"{label}: {c}" for c in captions])
+             for label, (images, maps, captions) in panels.items()]
+    out = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
+    top = 0
+    for part in parts:
+        out.paste(part, (0, top))
+        top += part.height
+    return out
+
+
+def summarize(reports: dict[str, list[dict]]) -> Table:
+    """Mean +- standard deviation over runs (seeds) of each arm's ``srum - base`` difference, plus the base and
+    tuned values: ``reports`` maps an arm's name to its runs' ``report.json`` contents."""
+    table = Table(title="ShapeWorld: SRUM - base, mean +- std over runs")
+    table.add_column("metric")
+    for arm, runs in reports.items():
+        table.add_column(f"{arm} (n={len(runs)})", justify="right")
+    metrics = [name for name, _ in rows(next(iter(reports.values()))[0]["models"])]
+    for metric in metrics:
+        cells = []
+        for runs in reports.values():
+            values = torch.tensor([run["difference"][metric] for run in runs], dtype=torch.float64)
+            spread = float(values.std()) if len(values) > 1 else 0.0
+            cells.append(f"{float(values.mean()):+.1f} +- {spread:.1f}")
+        table.add_row(metric, *cells)
+    return table
+
+
+def write_report(folder: Path, summaries: dict[str, dict], panels: dict | None = None,
+                 console: Console | None = None) -> dict:
+    """Writes ``report.json``, ``report.md`` and (with ``panels``) ``grid.png`` into ``folder``; prints the table.
+    Files are replaced atomically, so an interrupted write leaves the previous report whole."""
+    report = {"benchmark": "shapeworld", "models": summaries}
+    if len(summaries) > 1:
+        report["difference"] = {name: values[-1] - values[0] for name, values in rows(summaries)}
+    check_finite(report)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomic(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    _write_atomic(folder / "report.md", "# ShapeWorld report\n\n" + markdown_table(summaries))
+    if panels:
+        temporary = folder / ".grid.png.partial"
+        grid(panels).save(temporary, format="PNG")
+        os.replace(temporary, folder / "grid.png")
+    (console or Console()).print(rich_table(summaries))
+    return report

@@ -1,0 +1,146 @@
+"""ShapeWorld's main job: prompts by name, the oracle judge, the report, the shipped base checkpoint, and a
+shortened ``srum fit`` / ``srum validate --config configs/shapes.yaml`` end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from srum.cli import main
+from srum.generation.prompts import read_prompts
+from srum.model.checkpoint import CheckpointError, checkpoint_folder, load_checkpoint
+from srum.shapeworld.oracle import CheckerScorer
+from srum.shapeworld.report import check_finite, markdown_table, rows
+from srum.shapeworld.tasks import perturb
+from srum.shapeworld.world import parse_spec, prompts, render, scene_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_prompt_texts_parse_back_to_their_specs(split):
+    for prompt in prompts(split, 500, seed=4):
+        spec = parse_spec(prompt.text)
+        assert (spec.things, spec.relation, spec.text()) == (prompt.spec.things, prompt.spec.relation, prompt.text)
+
+
+@pytest.mark.parametrize("text", ["a red blob", "two", "a red square near a blue circle", "five red squares", ""])
+def test_unparseable_prompts_are_named(text):
+    with pytest.raises(ValueError, match="expected noun phrases"):
+        parse_spec(text)
+
+
+def test_shapeworld_prompts_by_name():
+    drawn = read_prompts("shapeworld:test:12:3")
+    assert [p.text for p in drawn] == [p.text for p in prompts("test", 12, seed=3)]
+    assert {p.category for p in drawn} == {"binding", "spatial", "numeracy", "complex"}
+    for bad in ("shapeworld:dev:3", "shapeworld:test", "shapeworld:test:0", "shapeworld:test:x"):
+        with pytest.raises(ValueError, match="expected shapeworld:<train|val|test>:<count>"):
+            read_prompts(bad)
+
+
+def test_the_checker_judge_rewards_right_objects_and_penalises_wrong_ones():
+    rng = random.Random(2)
+    for prompt in prompts("test", 40, seed=5):
+        scene = scene_for(prompt.spec, rng)
+        wrong = perturb(scene, prompt.spec, rng)
+        clean_record, wrong_record = CheckerScorer().score([render(scene), render(wrong)], [prompt.text] * 2,
+                                                           ["clean.png", "wrong.png"])
+        assert clean_record.global_scores.expected == 1.0
+        assert len(clean_record.regions) == len(scene.objects)
+        assert all(r.scores.expected == 1.0 for r in clean_record.regions)
+        assert wrong_record.global_scores.expected < 1.0
+        assert wrong_record.answers["reasons"]
+
+
+def test_report_tables_and_finiteness():
+    summary = {"categories": {"binding": {"score": 40.0}, "spatial": {"score": 10.0}}, "overall": 25.0,
+               "pass_rate": 0.2, "judge": {"balanced_accuracy": 0.9}, "agreement_with_checker": 0.8}
+    after = {**summary, "overall": 31.5}
+    table = markdown_table({"base": summary, "srum": after})
+    assert "| overall | 25.0 | 31.5 | +6.5 |" in table and "srum - base" in table
+    with pytest.raises(ValueError, match=r"report.models.srum.overall: expected a finite number"):
+        check_finite({"models": {"srum": {**after, "overall": math.nan}}})
+
+
+def test_the_shipped_base_checkpoint_has_the_official_layout():
+    folder = checkpoint_folder("srum:shapeworld-base")
+    names = {path.name for path in folder.iterdir()}
+    assert {"llm_config.json", "vit_config.json", "ema.safetensors", "srum_config.json", "tokenizer.json"} <= names
+    assert sum(path.stat().st_size for path in folder.iterdir()) <= 25 * 2**20
+    checkpoint = load_checkpoint("srum:shapeworld-base")
+    assert checkpoint.config.prediction == "clean" and checkpoint.config.latent_downsample == 12
+    with pytest.raises(CheckpointError, match="srum:nothing: no such shipped checkpoint"):
+        checkpoint_folder("srum:nothing")
+
+
+def _shortened_config(tmp_path: Path, **changes) -> Path:
+    config = yaml.safe_load((REPO / "configs" / "shapes.yaml").read_text())
+    config["trainer"].update(max_steps=2, default_root_dir=str(tmp_path / "run"), enable_progress_bar=False)
+    callback = config["trainer"]["callbacks"][0]["init_args"]
+    callback.update(out=str(tmp_path / "report"), grid_prompts=3)
+    callback["benchmark"].update(prompts=8, judge_renders=8, batch_size=8)
+    config["model"]["rollout"]["sampler"]["num_timesteps"] = 4
+    config["data"].update(batch_size=4, val_prompts="shapeworld:val:2")
+    for key, value in changes.items():
+        config["model"][key] = value
+    path = tmp_path / "shapes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _assert_report(folder: Path, models: list[str]) -> dict:
+    report = json.loads((folder / "report.json").read_text())
+    assert list(report["models"]) == models
+    for summary in report["models"].values():
+        assert set(summary["categories"]) == {"binding", "spatial", "numeracy", "complex"}
+        assert summary["settings"]["prompts"] == 8 and 0 <= summary["pass_rate"] <= 1
+        assert 0 <= summary["judge"]["balanced_accuracy"] <= 1
+    check_finite(report)
+    assert (folder / "grid.png").stat().st_size > 0
+    assert "| overall |" in (folder / "report.md").read_text()
+    return report
+
+
+@pytest.mark.slow
+def test_shortened_main_job_reports_base_and_srum(tmp_path, capsys):
+    main(["fit", "--config", str(_shortened_config(tmp_path))])
+    report = _assert_report(tmp_path / "report", ["base", "srum"])
+    assert set(report["difference"]) >= {"overall", "pass rate %", "judge balanced acc. %"}
+    assert "ShapeWorld" in capsys.readouterr().out  # the rich table
+
+    main(["validate", "--config", str(_shortened_config(tmp_path)), "--model.checkpoint", "srum:shapeworld-base"])
+    base = report["models"]["base"]
+    again = _assert_report(tmp_path / "report", ["model"])["models"]["model"]
+    assert again["overall"] == pytest.approx(base["overall"])  # paired seeds: the same images, the same numbers
+    torch.testing.assert_close(torch.tensor(again["judge"]["balanced_accuracy"]),
+                               torch.tensor(base["judge"]["balanced_accuracy"]))
+
+
+@pytest.mark.slow
+def test_oracle_arm_trains_on_checker_rewards(tmp_path):
+    main(["fit", "--config", str(_shortened_config(tmp_path, scoring={"judge": "checker"}))])
+    _assert_report(tmp_path / "report", ["base", "srum"])
+
+
+def test_summarize_gives_mean_and_spread_over_runs(tmp_path, capsys):
+    summary = {"categories": {"binding": {"score": 40.0}}, "overall": 25.0, "pass_rate": 0.2,
+               "judge": {"balanced_accuracy": 0.9}, "agreement_with_checker": 0.8}
+    paths = []
+    for seed, gain in enumerate((4.0, 6.0)):
+        tuned = {**summary, "overall": 25.0 + gain}
+        report = {"models": {"base": summary, "srum": tuned},
+                  "difference": {name: values[-1] - values[0] for name, values in rows({"b": summary, "s": tuned})}}
+        paths.append(tmp_path / f"seed{seed}.json")
+        paths[-1].write_text(json.dumps(report))
+    main(["shapeworld", "summarize", "--arms", json.dumps({"srum": [str(p) for p in paths]})])
+    assert "+5.0 +- 1.4" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text(json.dumps({"models": {}}))
+    with pytest.raises(SystemExit, match=r"bad.json: field 'difference' missing"):
+        main(["shapeworld", "summarize", "--arms", json.dumps({"srum": [str(tmp_path / "bad.json")]})])
