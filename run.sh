@@ -20,6 +20,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 case "${1:-}" in
     test) shift; exec "$python" -m pytest "$@" ;;
-    demo) shift; exec "$venv/bin/srum" model overfit "$@" ;;
+    demo) shift; exec "$venv/bin/srum" fit --config configs/shapes.yaml "$@" ;;
     *) exec "$venv/bin/srum" "$@" ;;
 esac

@@ -61,7 +61,8 @@ def test_the_checker_judge_rewards_right_objects_and_penalises_wrong_ones():
 
 def test_report_tables_and_finiteness():
     summary = {"categories": {"binding": {"score": 40.0}, "spatial": {"score": 10.0}}, "overall": 25.0,
-               "pass_rate": 0.2, "judge": {"balanced_accuracy": 0.9}, "agreement_with_checker": 0.8}
+               "pass_rate": 0.2, "pass_rate_by_combination": {"seen": 0.25, "unseen": 0.05},
+               "judge": {"balanced_accuracy": 0.9}, "agreement_with_checker": 0.8}
     after = {**summary, "overall": 31.5}
     table = markdown_table({"base": summary, "srum": after})
     assert "| overall | 25.0 | 31.5 | +6.5 |" in table and "srum - base" in table
@@ -80,11 +81,25 @@ def test_the_shipped_base_checkpoint_has_the_official_layout():
         checkpoint_folder("srum:nothing")
 
 
+@pytest.mark.parametrize("overlay", sorted((REPO / "configs" / "shapes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_arm_and_ablation_overlays_the_main_job(overlay, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(REPO / "configs" / "shapes.yaml"), "--config", str(overlay), "--print_config"])
+    assert done.value.code in (None, 0)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    changed = yaml.safe_load(overlay.read_text())["model"]
+
+    def contains(tree, part):
+        return all(contains(tree[k], v) if isinstance(v, dict) else tree[k] == v for k, v in part.items())
+
+    assert contains(printed["model"], changed)
+
+
 def _shortened_config(tmp_path: Path, **changes) -> Path:
     config = yaml.safe_load((REPO / "configs" / "shapes.yaml").read_text())
     config["trainer"].update(max_steps=2, default_root_dir=str(tmp_path / "run"), enable_progress_bar=False)
     callback = config["trainer"]["callbacks"][0]["init_args"]
-    callback.update(out=str(tmp_path / "report"), grid_prompts=3)
+    callback.update(out=str(tmp_path / "report"), grid_prompts=3, base_cache=str(tmp_path / "cache"))
     callback["benchmark"].update(prompts=8, judge_renders=8, batch_size=8)
     config["model"]["rollout"]["sampler"]["num_timesteps"] = 4
     config["data"].update(batch_size=4, val_prompts="shapeworld:val:2")
@@ -112,6 +127,7 @@ def _assert_report(folder: Path, models: list[str]) -> dict:
 def test_shortened_main_job_reports_base_and_srum(tmp_path, capsys):
     main(["fit", "--config", str(_shortened_config(tmp_path))])
     report = _assert_report(tmp_path / "report", ["base", "srum"])
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1  # the base measurement, kept for the next run
     assert set(report["difference"]) >= {"overall", "pass rate %", "judge balanced acc. %"}
     assert "ShapeWorld" in capsys.readouterr().out  # the rich table
 
@@ -124,13 +140,20 @@ def test_shortened_main_job_reports_base_and_srum(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_oracle_arm_trains_on_checker_rewards(tmp_path):
-    main(["fit", "--config", str(_shortened_config(tmp_path, scoring={"judge": "checker"}))])
-    _assert_report(tmp_path / "report", ["base", "srum"])
+def test_oracle_arm_trains_on_checker_rewards_and_a_second_run_reuses_the_base(tmp_path):
+    config = _shortened_config(tmp_path, scoring={"judge": "checker"})
+    main(["fit", "--config", str(config)])
+    first = _assert_report(tmp_path / "report", ["base", "srum"])
+    cached = list((tmp_path / "cache").iterdir())
+    main(["fit", "--config", str(config), "--model.seed", "1"])
+    second = _assert_report(tmp_path / "report", ["base", "srum"])
+    assert second["models"]["base"] == first["models"]["base"]
+    assert sorted((tmp_path / "cache").iterdir()) == sorted(cached)
 
 
 def test_summarize_gives_mean_and_spread_over_runs(tmp_path, capsys):
     summary = {"categories": {"binding": {"score": 40.0}}, "overall": 25.0, "pass_rate": 0.2,
+               "pass_rate_by_combination": {"seen": 0.25, "unseen": 0.05},
                "judge": {"balanced_accuracy": 0.9}, "agreement_with_checker": 0.8}
     paths = []
     for seed, gain in enumerate((4.0, 6.0)):

@@ -50,7 +50,9 @@ def test_splits_hold_out_colour_shape_pairs():
         return {(t.colour, t.shape) for t in prompt.spec.things}
 
     assert not any(pairs(p) & HELD_OUT for p in prompts("train", 500))
-    assert all(pairs(p) & HELD_OUT for p in prompts("test", 500))
+    test = prompts("test", 2000)
+    assert all(p.unseen == bool(pairs(p) & HELD_OUT) for p in test)
+    assert 0.2 < sum(p.unseen for p in test) / len(test) < 0.3  # UNSEEN_SHARE of 0.25
     assert {p.category for p in prompts("val", 8)} == set(CATEGORIES)
     assert [p.text for p in prompts("test", 20, seed=3)] == [p.text for p in prompts("test", 20, seed=3)]
 

@@ -40,7 +40,7 @@ def append_jsonl(path: Path, record: Any) -> None:
         os.fsync(file.fileno())
 
 
-def _replace_text(path: Path, text: str) -> None:
+def replace_text(path: Path, text: str) -> None:
     """Write through a temporary file and rename it: a reader sees the old file or the new one, never a part."""
     temporary = path.with_name(f".{path.name}.tmp")
     with temporary.open("w", encoding="utf-8") as file:
@@ -51,12 +51,12 @@ def _replace_text(path: Path, text: str) -> None:
 
 
 def rewrite_jsonl(path: Path, records: list[Any]) -> None:
-    _replace_text(path, "".join(json.dumps(record) + "\n" for record in records))
+    replace_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def write_json(path: Path, data: Any) -> None:
     """One JSON document, indented, written whole or not at all."""
-    _replace_text(path, json.dumps(data, indent=2) + "\n")
+    replace_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def check_settings(path: Path, records: list[dict], settings: dict, what: str) -> None:

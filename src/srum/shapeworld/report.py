@@ -3,10 +3,8 @@ on the terminal, and PNG grids of the same prompts drawn by each with their self
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -14,6 +12,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from srum.io.jsonl import replace_text, write_json
 from srum.train.callbacks import reward_grid
 
 
@@ -24,6 +23,9 @@ def rows(summaries: dict[str, dict]) -> list[tuple[str, list[float]]]:
     out = [(name, [s["categories"][name]["score"] for s in summaries.values()]) for name in names]
     out.append(("overall", [s["overall"] for s in summaries.values()]))
     out.append(("pass rate %", [100 * s["pass_rate"] for s in summaries.values()]))
+    for kind in ("seen", "unseen"):
+        out.append((f"pass rate, {kind} pairs %", [100 * s["pass_rate_by_combination"][kind]
+                                                  for s in summaries.values()]))
     out.append(("judge balanced acc. %", [100 * s["judge"]["balanced_accuracy"] for s in summaries.values()]))
     out.append(("agreement with checker %", [100 * s["agreement_with_checker"] for s in summaries.values()]))
     return out
@@ -68,16 +70,18 @@ def check_finite(value, where: str = "report") -> None:
         raise ValueError(f"{where}: expected a finite number, got {value}")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        file.write(text)
-    os.replace(temporary, path)
+GRID_CELL = 144
+"""Pixels per image side in the grid: small images are enlarged (nearest) so the captions fit under them."""
+
+
+def _enlarged(image: torch.Tensor) -> torch.Tensor:
+    factor = max(1, GRID_CELL // max(image.shape[:2]))
+    return image.repeat_interleave(factor, 0).repeat_interleave(factor, 1)
 
 
 def grid(panels: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[str]]]) -> Image.Image:
     """One reward grid per model (images over their overlays), stacked top to bottom in the given order."""
-    parts = [reward_grid(images, maps, [f"{label}: {c}" for c in captions])
+    parts = [reward_grid([_enlarged(i) for i in images], maps, [f"{label}: {c}" for c in captions])
              for label, (images, maps, captions) in panels.items()]
     out = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
     top = 0
@@ -114,8 +118,8 @@ def write_report(folder: Path, summaries: dict[str, dict], panels: dict | None =
         report["difference"] = {name: values[-1] - values[0] for name, values in rows(summaries)}
     check_finite(report)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / "report.json", json.dumps(report, indent=2) + "\n")
-    _write_atomic(folder / "report.md", "# ShapeWorld report\n\n" + markdown_table(summaries))
+    write_json(folder / "report.json", report)
+    replace_text(folder / "report.md", "# ShapeWorld report\n\n" + markdown_table(summaries))
     if panels:
         temporary = folder / ".grid.png.partial"
         grid(panels).save(temporary, format="PNG")

@@ -5,8 +5,9 @@ A scene is 36 x 36 px: a 3 x 3 grid of 12 x 12 cells with at most one object per
 autoencoder and 2 x 2 latent patches each latent token is exactly one cell (one object per token, the layout
 that is learnable in minutes on a CPU).
 
-Splits hold out colour-shape combinations: training prompts never name a held-out pair; validation and test
-prompts name at least one (CompBench's "unseen" combinations).
+Splits hold out colour-shape combinations: training prompts never name a held-out pair; a quarter of the
+validation and test prompts name at least one (CompBench's "unseen" combinations), the rest are fresh prompts of
+seen pairs.
 """
 
 from __future__ import annotations
@@ -200,10 +201,24 @@ class Prompt:
     def category(self) -> str:
         return self.spec.category
 
+    @property
+    def unseen(self) -> bool:
+        """Names a colour-shape pair held out of training."""
+        return any((t.colour, t.shape) in HELD_OUT for t in self.spec.things)
+
+
+UNSEEN_SHARE = 0.25
+"""Share of validation and test prompts that name a held-out colour-shape pair (CompBench's unseen combinations);
+the others name only pairs seen in training."""
+
 
 def prompts(split: Split, count: int, seed: int = 0) -> list[Prompt]:
     """``count`` prompts of the split, categories in turn, reproducible from ``seed``; ids unique per split."""
     offsets = {"train": 0, "val": 1, "test": 2}
     rng = random.Random(seed * 7919 + offsets[split])
-    return [Prompt(f"{split}-{index}", sample_spec(CATEGORIES[index % len(CATEGORIES)], rng, split))
-            for index in range(count)]
+    drawn = []
+    for index in range(count):
+        unseen = split != "train" and rng.random() < UNSEEN_SHARE
+        spec = sample_spec(CATEGORIES[index % len(CATEGORIES)], rng, split if unseen else "train")
+        drawn.append(Prompt(f"{split}-{index}", spec))
+    return drawn
