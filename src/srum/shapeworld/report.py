@@ -92,8 +92,8 @@ def grid(panels: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[st
 
 
 def summarize(reports: dict[str, list[dict]]) -> Table:
-    """Mean +- standard deviation over runs (seeds) of each arm's ``srum - base`` difference, plus the base and
-    tuned values: ``reports`` maps an arm's name to its runs' ``report.json`` contents."""
+    """Mean +- standard deviation over runs (seeds) of each arm's ``srum - base`` difference: ``reports`` maps an
+    arm's name to its runs' ``report.json`` contents."""
     table = Table(title="ShapeWorld: SRUM - base, mean +- std over runs")
     table.add_column("metric")
     for arm, runs in reports.items():
@@ -103,8 +103,8 @@ def summarize(reports: dict[str, list[dict]]) -> Table:
         cells = []
         for runs in reports.values():
             values = torch.tensor([run["difference"][metric] for run in runs], dtype=torch.float64)
-            spread = float(values.std()) if len(values) > 1 else 0.0
-            cells.append(f"{float(values.mean()):+.1f} +- {spread:.1f}")
+            spread = f" +- {float(values.std()):.1f}" if len(values) > 1 else ""  # one run has no spread
+            cells.append(f"{float(values.mean()):+.1f}{spread}")
         table.add_row(metric, *cells)
     return table
 
