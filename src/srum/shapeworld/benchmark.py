@@ -74,7 +74,7 @@ def run_benchmark(pipeline: Pipeline, config: BenchmarkConfig) -> Evaluation:
         "benchmark": "shapeworld",
         "overall": generation.report["overall"],
         "pass_rate": passed / len(prompt_list),
-        "pass_rate_stderr": math.sqrt(max(passed * (len(prompt_list) - passed), 0)) / len(prompt_list) ** 1.5,
+        "pass_rate_stderr": math.sqrt(passed * (len(prompt_list) - passed)) / len(prompt_list) ** 1.5,
         "pass_rate_by_combination": {kind: sum(v) / len(v) if v else 0.0 for kind, v in by_kind.items()},
         "categories": generation.report["categories"],
         "judge": judge,

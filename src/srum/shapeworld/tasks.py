@@ -5,7 +5,7 @@ on clean and deliberately wrong renders (hard negatives), so the base model can 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -152,10 +152,9 @@ class ShapeWorldTasks:
     def sample(self, rng: random.Random, split: str = "train") -> list[Item]:
         spec = sample_spec(rng.choice(CATEGORIES), rng, split)
         scene = scene_for(spec, rng)
-        kinds = [self.text_to_image, self.global_score, self.region_score, self.question, self.caption]
-        weights = [self.mix.text_to_image, self.mix.global_score, self.mix.region_score, self.mix.question,
-                   self.mix.caption]
-        return rng.choices(kinds, weights)[0](spec, scene, rng)
+        kinds = [kind.name for kind in fields(TaskMix)]  # each mix field names the method that draws that kind
+        kind = rng.choices(kinds, [getattr(self.mix, kind) for kind in kinds])[0]
+        return getattr(self, kind)(spec, scene, rng)
 
 
 def corpus(count: int = 2000, seed: int = 0) -> list[str]:
