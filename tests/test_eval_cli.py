@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from srum.cli import main
+from srum.eval.judging import latest_judgements
 from srum.eval.report import read_report
 from srum.generation.writer import RECORDS
 from tests.eval_helpers import make_checkpoint, make_vlm_judge
@@ -51,7 +52,7 @@ def test_compbench_self_judged_with_a_baseline_resumes(models, prompts, tmp_path
     for name in ("before", "after"):
         folder = out / name / "compbench-no_think"
         assert sorted(p.name for p in folder.glob("*.png")) == ["1_0.png", "2_0.png", "3_0.png"]
-        judgements = _lines(folder / "judgements-self.jsonl")
+        judgements = latest_judgements(_lines(folder / "judgements-self.jsonl"))
         assert [j["image_file"] for j in judgements] == ["1_0.png", "2_0.png", "3_0.png"]
         report = read_report(out / name / "compbench-no_think-self.json")
         assert report["run"]["checkpoint"] == str(models[name].resolve())
@@ -60,6 +61,7 @@ def test_compbench_self_judged_with_a_baseline_resumes(models, prompts, tmp_path
                                            "2D spatial", "Texture", "Overall"]
         failed = sum(j["score"] is None for j in judgements)
         assert report["details"]["all"]["failures"] == failed
+        assert all(len(j["failed_answers"]) == 2 for j in judgements if j["score"] is None)  # re-asked twice
     files = {path: path.read_bytes() for path in out.rglob("*.jsonl")}
     with caplog.at_level("INFO"):
         main(command)
@@ -76,7 +78,7 @@ def test_compbench_think_mode_has_its_own_folder_and_a_vlm_judge(models, prompts
           "--judge_batch_size", "2", *TINY_GENERATION])
     folder = out / "after" / "compbench-think"
     assert all(record["settings"]["think"] and "plan" in record for record in _lines(folder / RECORDS))
-    judgements = _lines(folder / "judgements-vlm.jsonl")
+    judgements = latest_judgements(_lines(folder / "judgements-vlm.jsonl"))
     assert len(judgements) == 3 and judgements[0]["settings"]["class"] == "LlavaForConditionalGeneration"
     report = read_report(out / "after" / "compbench-think-vlm.json")
     assert report["run"]["generation"]["think"] is True and not (out / "after" / "compbench-no_think").exists()
@@ -86,7 +88,8 @@ def test_another_srum_checkpoint_judges(models, tmp_path):
     prompts = tmp_path / "one.json"
     prompts.write_text(json.dumps(PROMPTS[:1]))
     main(["validate", "compbench", "--checkpoint", str(models["after"]), "--out", str(tmp_path / "out"), "--prompts",
-          str(prompts), "--judge", str(models["before"]), "--max_judge_tokens", "2", *TINY_GENERATION])
+          str(prompts), "--judge", str(models["before"]), "--max_judge_tokens", "2", "--judge_retries", "0",
+          *TINY_GENERATION])
     (judgement,) = _lines(tmp_path / "out" / "after" / "compbench-no_think" / "judgements-before.jsonl")
     assert judgement["settings"]["judge"] == "unified"
     assert judgement["settings"]["checkpoint"] == str(models["before"].resolve())

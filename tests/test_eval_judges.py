@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from srum.eval.judges import UnifiedJudge, VLMJudge
-from srum.eval.judging import judge_folder
+from srum.eval.judging import judge_folder, retry_seed
 from srum.eval.rubric import RUBRIC_VERSION, official_score, parse_verdict
 from srum.generation.pipeline import Pipeline
 from srum.generation.writer import RECORDS
@@ -74,7 +74,8 @@ def test_judging_is_resumable_and_locked_to_one_judge(vlm_folder, generated, tmp
     judge = VLMJudge(vlm_folder, "LlavaForConditionalGeneration", max_new_tokens=4)
     calls = []
     answer = judge.answer
-    judge.answer = lambda images, instructions: calls.append(len(images)) or answer(images, instructions)
+    judge.answer = lambda images, instructions, *sampling: calls.append(len(images)) or answer(images, instructions,
+                                                                                                *sampling)
     out = tmp_path / "judgements.jsonl"
     judgements = judge_folder(judge, generated, out, batch_size=2)
     assert calls == [2, 1] and [j["image_file"] for j in judgements] == ["1_0.png", "2_0.png", "3_0.png"]
@@ -95,6 +96,59 @@ def test_judging_is_resumable_and_locked_to_one_judge(vlm_folder, generated, tmp
     with pytest.raises(ValueError, match=r"judgements.jsonl: holds judgements made with other settings "
                                          r"\(max_new_tokens\); use another --out"):
         judge_folder(other, generated, out)
+
+
+class CannedJudge:
+    """Answers from a script keyed by (prompt, temperature, seed): a stand-in for a model's answers, so the
+    re-asking logic is checked against known answers."""
+
+    settings = {"judge": "canned"}
+
+    def __init__(self, script) -> None:
+        self.script, self.calls = script, []
+
+    def answer(self, images, instructions, temperature=0.0, seed=0):
+        self.calls.append((len(images), temperature))
+        return [self.script(text.split('"')[1], temperature, seed) for text in instructions]
+
+
+def test_unreadable_judgements_are_re_asked_sampled_and_superseded(generated, tmp_path):
+    def script(prompt, temperature, seed):
+        if prompt == "a red cube":
+            return '{"score": 90}'
+        if temperature == 0:
+            return "no idea"
+        if prompt.startswith("two") and seed == retry_seed("2_0.png", 2):
+            return '{"score": 40}'
+        return "still no"
+
+    judge, out = CannedJudge(script), tmp_path / "judgements.jsonl"
+    judgements = judge_folder(judge, generated, out, batch_size=3, retries=2, retry_temperature=0.5)
+    assert judge.calls == [(3, 0.0), (1, 0.5), (1, 0.5), (1, 0.5), (1, 0.5)]
+    first, second, third = judgements
+    assert (first["score"], first["failed_answers"], first["official_score"]) == (90, [], 90)
+    assert (second["score"], second["raw"], second["failed_answers"]) == (40, '{"score": 40}', ["no idea", "still no"])
+    assert second["official_score"] == -1  # the official number reads the greedy answer
+    assert (third["score"], third["status"], third["failed_answers"]) == (None, "missing", ["no idea", "still no"])
+    assert len(out.read_text().splitlines()) == 3 + 4  # re-asks are appended, nothing is rewritten
+
+    assert judge_folder(judge, generated, out, retries=2) == judgements and len(judge.calls) == 5  # all done
+    judge_folder(judge, generated, out, retries=3)
+    assert judge.calls[5:] == [(1, 0.7)]  # only the image still failing, once more
+
+    with pytest.raises(ValueError, match="judge_retries: expected a whole number >= 0, got -1"):
+        judge_folder(judge, generated, out, retries=-1)
+    with pytest.raises(ValueError, match="retry_temperature: expected a positive number, got 0"):
+        judge_folder(judge, generated, out, retry_temperature=0)
+
+
+def test_sampled_answers_are_seeded(vlm_folder, checkpoint):
+    images, questions = _images(2), ["rate this picture", "rate it again"]
+    for judge in (VLMJudge(vlm_folder, "LlavaForConditionalGeneration", max_new_tokens=8),
+                  UnifiedJudge(Pipeline.from_checkpoint(checkpoint), checkpoint, max_new_tokens=8)):
+        sampled = [judge.answer(images, questions, temperature=5.0, seed=seed) for seed in (1, 1, 2)]
+        assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+        assert judge.answer(images, questions) == judge.answer(images, questions, seed=3)  # greedy ignores seeds
 
 
 def test_the_unified_model_judges_its_images(checkpoint, generated, tmp_path):

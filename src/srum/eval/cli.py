@@ -28,7 +28,7 @@ from srum.eval.generate import (
 )
 from srum.eval.geneval import read_geneval, write_layout
 from srum.eval.judges import DEFAULT_JUDGE_CLASS, Judge, UnifiedJudge, VLMJudge, judge_model_class
-from srum.eval.judging import judge_folder
+from srum.eval.judging import check_retries, judge_folder
 from srum.eval.report import comparison_table, make_report, read_report, report_tables, save_report
 from srum.generation.pipeline import Pipeline
 from srum.generation.prompts import read_prompts
@@ -100,7 +100,8 @@ def _external_judge(judge: str, judge_class: str, max_judge_tokens: int, device:
 def compbench(checkpoint: Path, out: Path, prompts: Path = Path("data/compbench/val_comp.json"),
               generation: GenerationSettings = COMPBENCH_GENERATION, judge: str = SELF,
               judge_class: str = DEFAULT_JUDGE_CLASS, judge_batch_size: int = 1, max_judge_tokens: int = 512,
-              baseline: Path | None = None, device: str | None = None, dtype: DType = "auto") -> None:
+              judge_retries: int = 2, retry_temperature: float = 0.7, baseline: Path | None = None,
+              device: str | None = None, dtype: DType = "auto") -> None:
     """T2I-CompBench under the official SRUM judge protocol: images, 0-100 judgements and the scores.
 
     Reports per-category means, Complex and Overall, the official-compatible numbers beside srum's.
@@ -119,12 +120,17 @@ def compbench(checkpoint: Path, out: Path, prompts: Path = Path("data/compbench/
             protocol; AutoModelForImageTextToText for others).
         judge_batch_size: images judged together (official: 1).
         max_judge_tokens: decoding budget of each judgement (official: 512).
+        judge_retries: times an unreadable judgement is asked again, sampled (the official number is read from
+            the first, greedy answer whatever this is).
+        retry_temperature: sampling temperature of those re-asks.
         baseline: a second checkpoint evaluated alike (e.g. the model before SRUM); the difference is printed.
         device: cuda or cpu (default: cuda when available).
         dtype: weights dtype (auto: bfloat16 on GPU, float32 on CPU).
     """
     _require_positive(judge_batch_size=judge_batch_size, max_judge_tokens=max_judge_tokens)
     _check_judge(judge, judge_class)
+    check_retries(judge_retries, retry_temperature)
+    retry = (judge_retries, retry_temperature)
     device, torch_dtype = _device_and_dtype(device, dtype)
     prompt_list = read_prompts(prompts)
     judgements_file = f"judgements-{_name(judge)}.jsonl"
@@ -136,25 +142,27 @@ def compbench(checkpoint: Path, out: Path, prompts: Path = Path("data/compbench/
         generate_images(pipeline, model, prompt_list, folders[model], generation)
         if judge == SELF:
             judgements[model] = judge_folder(UnifiedJudge(pipeline, model, max_judge_tokens), folders[model],
-                                             folders[model] / judgements_file, judge_batch_size)
+                                             folders[model] / judgements_file, judge_batch_size, *retry)
         del pipeline
         _free_memory()
     if judge != SELF:
         external = _external_judge(judge, judge_class, max_judge_tokens, device, torch_dtype)
         for model, folder in folders.items():
-            judgements[model] = judge_folder(external, folder, folder / judgements_file, judge_batch_size)
+            judgements[model] = judge_folder(external, folder, folder / judgements_file, judge_batch_size, *retry)
     reports = []
     for model, folder in folders.items():
         metrics, details = compbench_scores.summarise(judgements[model])
         failed = sum(row["failures"] for row in details.values())
-        details["all"] = {"images": len(judgements[model]), "failures": failed}
+        re_asked = sum(bool(judgement.get("failed_answers")) for judgement in judgements[model])
+        details["all"] = {"images": len(judgements[model]), "failures": failed, "re_asked": re_asked}
         run = {"checkpoint": checkpoint_identity(model), "prompts": str(prompts), "images": str(folder),
                "generation": generation.as_record(),
                "judge": judgements[model][0]["settings"] if judgements[model] else None}
         report = make_report("t2i-compbench", run, metrics, details, [compbench_scores.AGGREGATION])
         path = folder.parent / f"compbench-{generation.mode}-{_name(judge)}.json"
         save_report(path, report)
-        log.info("wrote %s (%d judgements, %d failed)", path, len(judgements[model]), failed)
+        log.info("wrote %s (%d judgements, %d re-asked, %d still failed)", path, len(judgements[model]), re_asked,
+                 failed)
         reports.append((f"{_name(model)} ({generation.mode}, judge {_name(judge)})", report))
     _show(reports)
 

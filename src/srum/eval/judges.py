@@ -1,6 +1,7 @@
 """The judges of the CompBench protocol: a transformers vision-language model read from a local folder (the
 official protocol uses Qwen2.5-VL), or a unified srum model answering through its understanding branch. Both
-answer greedily, one instruction per image.
+answer greedily, one instruction per image; a failed judgement is re-asked with sampling at a temperature, seeded,
+so the re-ask can differ from the greedy answer and is still reproducible.
 
 A judge's ``settings`` are everything that decides its answers; they are locked into the judgement file, so
 answers of two judges never end up averaged together.
@@ -31,8 +32,10 @@ class Judge(Protocol):
     settings: dict
     """What decides the answers (the model, its class or checkpoint, the decoding budget, the rubric version)."""
 
-    def answer(self, images: list[Tensor], instructions: list[str]) -> list[str]:
-        """One raw answer per image (uint8 (H, W, 3)) and instruction."""
+    def answer(self, images: list[Tensor], instructions: list[str], temperature: float = 0.0,
+               seed: int = 0) -> list[str]:
+        """One raw answer per image (uint8 (H, W, 3)) and instruction: greedy at temperature 0, else sampled
+        from a generator seeded with ``seed``."""
         ...
 
 
@@ -73,25 +76,35 @@ class VLMJudge:
                          "rubric": RUBRIC_VERSION}
 
     @torch.no_grad()
-    def answer(self, images: list[Tensor], instructions: list[str]) -> list[str]:
+    def answer(self, images: list[Tensor], instructions: list[str], temperature: float = 0.0,
+               seed: int = 0) -> list[str]:
         conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
                          for text in instructions]
         texts = [self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
                  for conversation in conversations]
         pictures = [Image.fromarray(image.numpy()) for image in images]
         inputs = self.processor(text=texts, images=pictures, return_tensors="pt", padding=True).to(self.model.device)
-        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
+            "do_sample": False}
+        device = self.model.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # generate has no generator
+            torch.manual_seed(seed)
+            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **sampling)
         return self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 class UnifiedJudge:
-    """A unified srum model judging images through ``Pipeline.answer`` (greedy)."""
+    """A unified srum model judging images through ``Pipeline.answer``."""
 
     def __init__(self, pipeline: Pipeline, checkpoint: str | Path, max_new_tokens: int = 512) -> None:
         self.pipeline = pipeline
-        self.decoding = DecodingConfig(max_new_tokens=max_new_tokens)
+        self.max_new_tokens = max_new_tokens
         self.settings = {"judge": "unified", "checkpoint": checkpoint_identity(checkpoint),
                          "max_new_tokens": max_new_tokens, "rubric": RUBRIC_VERSION}
 
-    def answer(self, images: list[Tensor], instructions: list[str]) -> list[str]:
-        return self.pipeline.answer([from_uint8_image(image) for image in images], instructions, self.decoding)
+    def answer(self, images: list[Tensor], instructions: list[str], temperature: float = 0.0,
+               seed: int = 0) -> list[str]:
+        decoding = DecodingConfig(self.max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0)
+        generator = torch.Generator(self.pipeline.device).manual_seed(seed)
+        return self.pipeline.answer([from_uint8_image(image) for image in images], instructions, decoding,
+                                    generator=generator)
