@@ -97,6 +97,15 @@ def test_tasks_answer_from_the_ground_truth():
     assert "How many red squares are there? two" in texts
 
 
+def test_pretraining_schedule_warms_up_holds_and_decays_to_zero():
+    from srum.shapeworld.pretrain import lr_factor
+
+    factors = [lr_factor(step, warmup_steps=4, decay_steps=5, total_steps=20) for step in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4:15] == [1.0] * 11
+    assert factors[15:] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    assert lr_factor(19, 4, 0, 20) == 1.0  # no decay: constant to the end
+
+
 def test_pretrain_writes_a_checkpoint_that_generates_and_judges(tmp_path):
     from srum.cli import main
     from srum.generation.pipeline import Pipeline

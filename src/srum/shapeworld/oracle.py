@@ -12,10 +12,10 @@ from srum.shapeworld.world import parse_spec
 
 
 class CheckerScorer:
-    """Scores like ``SelfScorer.score``. The global score is the mean of all the checker's criteria (presence,
-    counts, relation, no extras) mapped to [-1, 1], so 1 exactly when the image passes; every detected object
-    is a region scored 1 if the prompt asks for its colour and shape, else -1. Both score kinds (text,
-    expected) hold the same value."""
+    """Scores like ``SelfScorer.score``. The global score is the checker's verdict, 1 if the image passes and -1
+    if anything is wrong: the answer the model's own judge was pretrained to give (clean vs one-thing-wrong).
+    Every detected object is a region scored 1 if the prompt asks for its colour and shape, else -1. Both score
+    kinds (text, expected) hold the same value."""
 
     def score(self, images: list[Tensor], prompts: list[str], image_files: list[str],
               prompt_ids: list[str | None] | None = None) -> list[RewardRecord]:
@@ -31,7 +31,7 @@ class CheckerScorer:
                 value = 1.0 if wanted(found.colour, found.shape, spec) else -1.0
                 regions.append(RegionEntry((x1 / width, y1 / height, x2 / width, y2 / height),
                                            f"{found.colour} {found.shape}", Scores(value, value)))
-            value = 2 * sum(verdict.criteria.values()) / (100 * len(verdict.criteria)) - 1
+            value = 1.0 if verdict.passed else -1.0
             records.append(RewardRecord(
                 image_file=name, good_image_file=name, prompt=prompt, width=width, height=height,
                 global_scores=Scores(value, value), regions=tuple(regions), prompt_id=prompt_id,

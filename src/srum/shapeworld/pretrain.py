@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +20,14 @@ from srum.model.config import BagelConfig
 from srum.model.packing import pack
 from srum.model.tokenizer import build_small_tokenizer, load_tokenizer
 from srum.shapeworld.tasks import ShapeWorldTasks, TaskMix, corpus
+
+
+def lr_factor(step: int, warmup_steps: int, decay_steps: int, total_steps: int) -> float:
+    """Linear warm-up, constant, then (with ``decay_steps``) linear decay to zero at ``total_steps``."""
+    factor = min(1.0, (step + 1) / warmup_steps)
+    if decay_steps:
+        factor = min(factor, max(0.0, (total_steps - step) / decay_steps))
+    return factor
 
 
 class StepIndices:
@@ -50,15 +59,18 @@ class PretrainModule(L.LightningModule):
         batch_size: samples per step (packed into one sequence).
         lr: peak AdamW learning rate.
         warmup_steps: linear warm-up, then constant.
+        decay_steps: linear decay to zero over the run's last ``decay_steps`` steps (0: none). Annealing lets
+            the weights settle out of the constant-rate noise; both branches gain from it.
         mix: frequencies of the sample kinds.
         text_dropout: probability of a text-to-image sample without its prompt (for CFG).
     """
 
     def __init__(self, out: Path, preset: str = "shapeworld", seed: int = 0, batch_size: int = 32, lr: float = 1e-3,
-                 warmup_steps: int = 100, mix: TaskMix = TaskMix(), text_dropout: float = 0.1) -> None:
+                 warmup_steps: int = 100, decay_steps: int = 0, mix: TaskMix = TaskMix(),
+                 text_dropout: float = 0.1) -> None:
         super().__init__()
         self.out, self.config, self.seed = Path(out), BagelConfig.from_name(preset), seed
-        self.batch_size, self.lr, self.warmup_steps = batch_size, lr, warmup_steps
+        self.batch_size, self.lr, self.warmup_steps, self.decay_steps = batch_size, lr, warmup_steps, decay_steps
         self.mix, self.text_dropout = mix, text_dropout
         self.model = build_random(self.config, seed)
         self.autoencoder = build_autoencoder(self.config.ae)
@@ -88,8 +100,9 @@ class PretrainModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=(0.9, 0.95), eps=1e-15,
                                       weight_decay=0.0)
-        warmup = self.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        schedule = partial(lr_factor, warmup_steps=self.warmup_steps, decay_steps=self.decay_steps,
+                           total_steps=self.trainer.max_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_end(self) -> None:
