@@ -49,7 +49,7 @@ def test_the_checker_judge_rewards_right_objects_and_penalises_wrong_ones():
     rng = random.Random(2)
     for prompt in prompts("test", 40, seed=5):
         scene = scene_for(prompt.spec, rng)
-        wrong = perturb(scene, prompt.spec, rng)
+        wrong, _ = perturb(scene, prompt.spec, rng)
         clean_record, wrong_record = CheckerScorer().score([render(scene), render(wrong)], [prompt.text] * 2,
                                                            ["clean.png", "wrong.png"])
         assert clean_record.global_scores.expected == 1.0
@@ -62,10 +62,12 @@ def test_the_checker_judge_rewards_right_objects_and_penalises_wrong_ones():
 def test_report_tables_and_finiteness():
     summary = {"categories": {"binding": {"score": 40.0}, "spatial": {"score": 10.0}}, "overall": 25.0,
                "pass_rate": 0.2, "pass_rate_by_combination": {"seen": 0.25, "unseen": 0.05},
-               "judge": {"balanced_accuracy": 0.9}, "agreement_with_checker": 0.8}
+               "judge": {"balanced_accuracy": 0.9, "wrong_rejected_by_kind": {"colour": 0.25, "extra": 1.0}},
+               "agreement_with_checker": 0.8}
     after = {**summary, "overall": 31.5}
     table = markdown_table({"base": summary, "srum": after})
     assert "| overall | 25.0 | 31.5 | +6.5 |" in table and "srum - base" in table
+    assert "| judge rejects colour % | 25.0 | 25.0 | +0.0 |" in table and "| judge rejects extra % |" in table
     with pytest.raises(ValueError, match=r"report.models.srum.overall: expected a finite number"):
         check_finite({"models": {"srum": {**after, "overall": math.nan}}})
 
@@ -117,6 +119,7 @@ def _assert_report(folder: Path, models: list[str]) -> dict:
         assert set(summary["categories"]) == {"binding", "spatial", "numeracy", "complex"}
         assert summary["settings"]["prompts"] == 8 and 0 <= summary["pass_rate"] <= 1
         assert 0 <= summary["judge"]["balanced_accuracy"] <= 1
+        assert set(summary["judge"]["wrong_rejected_by_kind"]) <= {"colour", "shape", "extra", "remove", "swap"}
     check_finite(report)
     assert (folder / "grid.png").stat().st_size > 0
     assert "| overall |" in (folder / "report.md").read_text()
@@ -154,7 +157,8 @@ def test_oracle_arm_trains_on_checker_rewards_and_a_second_run_reuses_the_base(t
 def test_summarize_gives_mean_and_spread_over_runs(tmp_path, capsys):
     summary = {"categories": {"binding": {"score": 40.0}}, "overall": 25.0, "pass_rate": 0.2,
                "pass_rate_by_combination": {"seen": 0.25, "unseen": 0.05},
-               "judge": {"balanced_accuracy": 0.9}, "agreement_with_checker": 0.8}
+               "judge": {"balanced_accuracy": 0.9, "wrong_rejected_by_kind": {"swap": 0.0}},
+               "agreement_with_checker": 0.8}
     paths = []
     for seed, gain in enumerate((4.0, 6.0)):
         tuned = {**summary, "overall": 25.0 + gain}

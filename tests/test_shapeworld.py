@@ -69,11 +69,18 @@ def test_render_paints_each_object_in_its_cell():
 
 
 def test_hard_negatives_break_the_prompt():
-    rng = random.Random(5)
+    rng, kinds = random.Random(5), set()
     for _ in range(300):
         spec = sample_spec(rng.choice(CATEGORIES), rng)
         scene = scene_for(spec, rng)
-        assert not _satisfies(perturb(scene, spec, rng), spec)
+        wrong, kind = perturb(scene, spec, rng)
+        assert not _satisfies(wrong, spec)
+        kinds.add(kind)
+        change = len(wrong.objects) - len(scene.objects)
+        assert change == {"extra": 1, "remove": -1}.get(kind, 0)
+        if kind == "swap":
+            assert sorted(o.cell for o in wrong.objects) == sorted(o.cell for o in scene.objects)  # same cells
+    assert kinds == {"colour", "shape", "extra", "remove", "swap"}
 
 
 def test_tasks_answer_from_the_ground_truth():
@@ -125,5 +132,7 @@ def test_pretrain_writes_a_checkpoint_that_generates_and_judges(tmp_path):
     assert all(image.shape == (SIZE, SIZE, 3) for image in result.images)
     judge = evaluate_judge(pipeline, count=8)
     assert judge["balanced_accuracy"] == pytest.approx((judge["clean_accepted"] + judge["wrong_rejected"]) / 2)
+    by_kind = judge["wrong_rejected_by_kind"].values()  # the overall share lies among the kinds' shares
+    assert min(by_kind) - 1e-9 <= judge["wrong_rejected"] <= max(by_kind) + 1e-9
     agreement = agreement_with_checker(pipeline, result, test_prompts)
     assert agreement * 4 == pytest.approx(round(agreement * 4))  # a share of the 4 images

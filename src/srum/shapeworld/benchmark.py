@@ -55,6 +55,11 @@ class Evaluation:
     prompts: list[str]
 
 
+SUMMARY_VERSION = 2
+"""What a summary holds (2: the judge's rejections per kind of mistake); cached measurements of another version
+are not reused."""
+
+
 def settings_of(config: BenchmarkConfig) -> dict:
     """The settings a summary records (two summaries are comparable when these are equal)."""
     return {**asdict(config), "sampler": asdict(config.sampler)}

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from srum.io.jsonl import write_json
 from srum.model.checkpoint import checkpoint_folder, weights_file, write_safetensors_state
-from srum.shapeworld.benchmark import BenchmarkConfig, run_benchmark, settings_of
+from srum.shapeworld.benchmark import SUMMARY_VERSION, BenchmarkConfig, run_benchmark, settings_of
 from srum.shapeworld.report import write_report
 
 Panel = tuple[list[torch.Tensor], list[torch.Tensor], list[str]]
@@ -56,7 +56,8 @@ class ShapeWorldBenchmark(L.Callback):
     def _cache_key(self, module: Any) -> str:
         weights = weights_file(checkpoint_folder(module.checkpoint), "auto")
         identity = {"weights": hashlib.sha256(weights.read_bytes()).hexdigest(), "judge": module.scoring.judge,
-                    "settings": settings_of(self.benchmark), "grid_prompts": self.grid_prompts}
+                    "settings": settings_of(self.benchmark), "grid_prompts": self.grid_prompts,
+                    "summary": SUMMARY_VERSION}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
     def _measure_base(self, module: Any) -> None:

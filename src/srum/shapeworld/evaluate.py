@@ -4,8 +4,10 @@ judgement separates clean from one-thing-wrong renders and agrees with the check
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
+from statistics import fmean as mean
 
 import torch
 
@@ -17,6 +19,8 @@ from srum.reward.scorer import ScorerConfig, SelfScorer
 from srum.shapeworld.checker import Verdict, report, score
 from srum.shapeworld.tasks import SHAPEWORLD_INSTRUCTIONS, perturb
 from srum.shapeworld.world import CATEGORIES, SIZE, Prompt, render, sample_spec, scene_for
+
+CLEAN = "clean"
 
 
 @dataclass
@@ -48,23 +52,30 @@ def global_expected_scores(pipeline: Pipeline, images: list[torch.Tensor], promp
 
 
 def evaluate_judge(pipeline: Pipeline, count: int = 200, seed: int = 0, split: str = "test") -> dict[str, float]:
-    """Balanced accuracy of the sign of the model's global score on clean vs one-thing-wrong renders."""
+    """Balanced accuracy of the sign of the model's global score on clean vs one-thing-wrong renders, and the
+    share of wrong renders rejected per kind of change (which mistakes the judge can see)."""
     rng = random.Random(seed)
-    images, prompts, truth = [], [], []
+    images, prompts, kinds = [], [], []
     for index in range(count):
         spec = sample_spec(CATEGORIES[index % len(CATEGORIES)], rng, split)
         scene = scene_for(spec, rng)
         clean = rng.random() < 0.5  # independent of the category, which cycles with the index
-        images.append(render(scene if clean else perturb(scene, spec, rng)))
+        shown, kind = (scene, CLEAN) if clean else perturb(scene, spec, rng)
+        images.append(render(shown))
         prompts.append(spec.text())
-        truth.append(clean)
-    scores = global_expected_scores(pipeline, images, prompts)
-    said = scores > 0
-    clean = torch.tensor(truth)
-    accuracy_clean = float(said[clean].float().mean())
-    accuracy_wrong = float((~said[~clean]).float().mean())
+        kinds.append(kind)
+    said = (global_expected_scores(pipeline, images, prompts) > 0).tolist()
+    accepted = {kind: [yes for yes, k in zip(said, kinds, strict=True) if k == kind] for kind in dict.fromkeys(kinds)}
+    accuracy_clean = _share(accepted.pop(CLEAN, []))
+    accuracy_wrong = _share([not yes for answers in accepted.values() for yes in answers])
     return {"balanced_accuracy": (accuracy_clean + accuracy_wrong) / 2, "clean_accepted": accuracy_clean,
-            "wrong_rejected": accuracy_wrong}
+            "wrong_rejected": accuracy_wrong,
+            "wrong_rejected_by_kind": {kind: 1 - _share(answers) for kind, answers in sorted(accepted.items())}}
+
+
+def _share(flags: list[bool]) -> float:
+    """The share of true flags (NaN for none: a report with it fails its finiteness check)."""
+    return mean(flags) if flags else math.nan
 
 
 def agreement_with_checker(pipeline: Pipeline, result: GenerationResult, prompts: list[Prompt]) -> float:

@@ -17,7 +17,8 @@ from srum.train.callbacks import reward_grid
 
 
 def rows(summaries: dict[str, dict]) -> list[tuple[str, list[float]]]:
-    """(metric, one value per model) in display order: categories, overall, pass rate, judge, agreement."""
+    """(metric, one value per model) in display order: categories, overall, pass rate, judge (overall and per kind
+    of mistake), agreement."""
     first = next(iter(summaries.values()))
     names = list(first["categories"])
     out = [(name, [s["categories"][name]["score"] for s in summaries.values()]) for name in names]
@@ -27,6 +28,9 @@ def rows(summaries: dict[str, dict]) -> list[tuple[str, list[float]]]:
         out.append((f"pass rate, {kind} pairs %", [100 * s["pass_rate_by_combination"][kind]
                                                   for s in summaries.values()]))
     out.append(("judge balanced acc. %", [100 * s["judge"]["balanced_accuracy"] for s in summaries.values()]))
+    for kind in first["judge"]["wrong_rejected_by_kind"]:
+        out.append((f"judge rejects {kind} %", [100 * s["judge"]["wrong_rejected_by_kind"][kind]
+                                                for s in summaries.values()]))
     out.append(("agreement with checker %", [100 * s["agreement_with_checker"] for s in summaries.values()]))
     return out
 

@@ -39,9 +39,10 @@ SHAPEWORLD_INSTRUCTIONS: ScoringInstructions = DEFAULT_INSTRUCTIONS.replace(
 )
 
 
-def perturb(scene: Scene, spec: Spec, rng: random.Random) -> Scene:
+def perturb(scene: Scene, spec: Spec, rng: random.Random) -> tuple[Scene, str]:
     """The scene with one thing wrong: an object recoloured or reshaped, an object removed or added, or (for
-    relations) the two groups swapped."""
+    relations) the two groups swapped; returned with the kind of change (``colour``, ``shape``, ``extra``,
+    ``remove`` or ``swap``)."""
     objects = list(scene.objects)
     kinds = ["colour", "shape", "extra"] + (["remove"] if len(objects) > 1 else []) + (["swap"] if spec.relation
                                                                                       else [])
@@ -65,7 +66,7 @@ def perturb(scene: Scene, spec: Spec, rng: random.Random) -> Scene:
             return perturb(scene, spec, rng)
         cells = [o.cell for o in objects]
         objects = [replace(o, cell=c) for o, c in zip(objects, cells[first:] + cells[:first], strict=True)]
-    return Scene(tuple(objects))
+    return Scene(tuple(objects)), kind
 
 
 def wanted(colour: str, shape: str, spec: Spec) -> bool:
@@ -122,13 +123,13 @@ class ShapeWorldTasks:
 
     def global_score(self, spec: Spec, scene: Scene, rng: random.Random) -> list[Item]:
         clean = rng.random() < 0.5
-        shown = scene if clean else perturb(scene, spec, rng)
+        shown = scene if clean else perturb(scene, spec, rng)[0]
         question = SHAPEWORLD_INSTRUCTIONS.global_instruction(spec.text())
         return [VitImage(from_uint8_image(render(shown))), self._text(question),
                 self._text(_score_text(1.0 if clean else -1.0), loss=True)]
 
     def region_score(self, spec: Spec, scene: Scene, rng: random.Random) -> list[Item]:
-        shown = scene if rng.random() < 0.5 else perturb(scene, spec, rng)
+        shown = scene if rng.random() < 0.5 else perturb(scene, spec, rng)[0]
         obj = rng.choice(shown.objects)
         box = [obj.cell[1] * CELL, obj.cell[0] * CELL, (obj.cell[1] + 1) * CELL, (obj.cell[0] + 1) * CELL]
         side = GRID * CELL
