@@ -29,6 +29,7 @@ def retry_seed(image_file: str, attempt: int) -> int:
 
 
 def check_retries(retries: int, temperature: float) -> None:
+    """Refuse a re-ask policy that cannot run, before any image is made or judged."""
     if retries < 0:
         raise ValueError(f"judge_retries: expected a whole number >= 0, got {retries}")
     if temperature <= 0:

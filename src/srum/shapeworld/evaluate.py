@@ -51,7 +51,7 @@ def global_expected_scores(pipeline: Pipeline, images: list[torch.Tensor], promp
     return torch.tensor(scorer.expected([from_uint8_image(i) for i in images], questions))
 
 
-def evaluate_judge(pipeline: Pipeline, count: int = 200, seed: int = 0, split: str = "test") -> dict[str, float]:
+def evaluate_judge(pipeline: Pipeline, count: int = 200, seed: int = 0, split: str = "test") -> dict:
     """Balanced accuracy of the sign of the model's global score on clean vs one-thing-wrong renders, and the
     share of wrong renders rejected per kind of change (which mistakes the judge can see)."""
     rng = random.Random(seed)
