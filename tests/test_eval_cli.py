@@ -69,6 +69,13 @@ def test_compbench_self_judged_with_a_baseline_resumes(models, prompts, tmp_path
     assert caplog.text.count("0 images to generate (3 already") == 2
     assert caplog.text.count("0 images to judge (3 already") == 2
 
+    fewer = tmp_path / "one.json"  # a smaller prompt file on the same folder reports its own images only
+    fewer.write_text(json.dumps(PROMPTS[:1]))
+    main([str(fewer) if part == str(prompts) else part for part in command])
+    report = read_report(out / "after" / "compbench-no_think-self.json")
+    assert report["details"]["all"]["images"] == 1
+    assert report["run"]["re_ask"] == {"retries": 2, "temperature": 0.7}
+
 
 def test_compbench_think_mode_has_its_own_folder_and_a_vlm_judge(models, prompts, tmp_path):
     out = tmp_path / "out"

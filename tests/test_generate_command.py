@@ -337,6 +337,12 @@ def test_rerunning_with_other_settings_is_refused(checkpoint, prompt_file, tmp_p
     with pytest.raises(SystemExit, match=r"records.jsonl: holds images made with other settings \(run_seed\)"):
         _generate(checkpoint, prompt_file, out, seed=SEED + 1)
     assert _files(out) == before
+    changed = tmp_path / "changed.json"  # the same id for another text must not keep the old text's images
+    changed.write_text(json.dumps([{**PROMPTS[0], "Question": "a blue sphere"}]))
+    with pytest.raises(SystemExit, match=r"records.jsonl: prompt_id 701: expected the text 'a red cube' its "
+                                         r"images were made for, got 'a blue sphere'"):
+        _generate(checkpoint, changed, out)
+    assert _files(out) == before
 
 
 @pytest.mark.parametrize("question_id", [None, "../x", "a/b", True])

@@ -59,6 +59,30 @@ def test_the_checker_judge_rewards_right_objects_and_penalises_wrong_ones():
         assert wrong_record.answers["reasons"]
 
 
+def test_a_run_from_the_shipped_base_exports_a_complete_folder(tmp_path):
+    from srum.train.export import export_checkpoint
+
+    state = load_checkpoint("srum:shapeworld-base").model.state_dict()
+    ckpt = tmp_path / "run.ckpt"  # what a run started from the shipped base records
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()},
+                "srum": {"checkpoint": "srum:shapeworld-base"}}, ckpt)
+    out = export_checkpoint(ckpt, tmp_path / "exported", dtype=torch.float32, name="model")
+    exported = load_checkpoint(out)
+    assert exported.config == load_checkpoint("srum:shapeworld-base").config
+    assert all(torch.equal(v, state[k]) for k, v in exported.model.state_dict().items())
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_the_benchmark_refuses_a_run_without_a_scorer():
+    from types import SimpleNamespace
+
+    from srum.shapeworld.callback import ShapeWorldBenchmark
+
+    offline = SimpleNamespace(scorer=None)  # what an offline SRUMModule holds
+    with pytest.raises(ValueError, match="needs model.mode online"):
+        ShapeWorldBenchmark().on_fit_start(None, offline)
+
+
 def test_report_tables_and_finiteness():
     summary = {"categories": {"binding": {"score": 40.0}, "spatial": {"score": 10.0}}, "overall": 25.0,
                "pass_rate": 0.2, "pass_rate_by_combination": {"seen": 0.25, "unseen": 0.05},
@@ -101,7 +125,7 @@ def _shortened_config(tmp_path: Path, **changes) -> Path:
     config = yaml.safe_load((REPO / "configs" / "shapes.yaml").read_text())
     config["trainer"].update(max_steps=2, default_root_dir=str(tmp_path / "run"), enable_progress_bar=False)
     callback = config["trainer"]["callbacks"][0]["init_args"]
-    callback.update(out=str(tmp_path / "report"), grid_prompts=3, base_cache=str(tmp_path / "cache"))
+    callback.update(grid_prompts=3, base_cache=str(tmp_path / "cache"))  # reports under default_root_dir
     callback["benchmark"].update(prompts=8, judge_renders=8, batch_size=8)
     config["model"]["rollout"]["sampler"]["num_timesteps"] = 4
     config["data"].update(batch_size=4, val_prompts="shapeworld:val:2")
@@ -129,14 +153,15 @@ def _assert_report(folder: Path, models: list[str]) -> dict:
 @pytest.mark.slow
 def test_shortened_main_job_reports_base_and_srum(tmp_path, capsys):
     main(["fit", "--config", str(_shortened_config(tmp_path))])
-    report = _assert_report(tmp_path / "report", ["base", "srum"])
+    report = _assert_report(tmp_path / "run" / "report", ["base", "srum"])
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1  # the base measurement, kept for the next run
     assert set(report["difference"]) >= {"overall", "pass rate %", "judge balanced acc. %"}
     assert "ShapeWorld" in capsys.readouterr().out  # the rich table
 
     main(["validate", "--config", str(_shortened_config(tmp_path)), "--model.checkpoint", "srum:shapeworld-base"])
     base = report["models"]["base"]
-    again = _assert_report(tmp_path / "report", ["model"])["models"]["model"]
+    again = _assert_report(tmp_path / "run" / "report-validate", ["model"])["models"]["model"]
+    assert _assert_report(tmp_path / "run" / "report", ["base", "srum"]) == report  # the fit's report stays
     assert again["overall"] == pytest.approx(base["overall"])  # paired seeds: the same images, the same numbers
     torch.testing.assert_close(torch.tensor(again["judge"]["balanced_accuracy"]),
                                torch.tensor(base["judge"]["balanced_accuracy"]))
@@ -146,10 +171,10 @@ def test_shortened_main_job_reports_base_and_srum(tmp_path, capsys):
 def test_oracle_arm_trains_on_checker_rewards_and_a_second_run_reuses_the_base(tmp_path):
     config = _shortened_config(tmp_path, scoring={"judge": "checker"})
     main(["fit", "--config", str(config)])
-    first = _assert_report(tmp_path / "report", ["base", "srum"])
+    first = _assert_report(tmp_path / "run" / "report", ["base", "srum"])
     cached = list((tmp_path / "cache").iterdir())
     main(["fit", "--config", str(config), "--model.seed", "1"])
-    second = _assert_report(tmp_path / "report", ["base", "srum"])
+    second = _assert_report(tmp_path / "run" / "report", ["base", "srum"])
     assert second["models"]["base"] == first["models"]["base"]
     assert sorted((tmp_path / "cache").iterdir()) == sorted(cached)
 
@@ -171,3 +196,5 @@ def test_summarize_gives_mean_and_spread_over_runs(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps({"models": {}}))
     with pytest.raises(SystemExit, match=r"bad.json: field 'difference' missing"):
         main(["shapeworld", "summarize", "--arms", json.dumps({"srum": [str(tmp_path / "bad.json")]})])
+    with pytest.raises(SystemExit, match=r"arms.uniform: expected at least one report file"):
+        main(["shapeworld", "summarize", "--arms", json.dumps({"srum": [str(paths[0])], "uniform": []})])

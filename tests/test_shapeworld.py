@@ -111,6 +111,7 @@ def test_pretraining_schedule_warms_up_holds_and_decays_to_zero():
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4:15] == [1.0] * 11
     assert factors[15:] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
     assert lr_factor(19, 4, 0, 20) == 1.0  # no decay: constant to the end
+    assert lr_factor(0, 0, 0, 20) == 1.0  # no warm-up
 
 
 def test_pretrain_writes_a_checkpoint_that_generates_and_judges(tmp_path):

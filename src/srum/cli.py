@@ -233,8 +233,12 @@ def shapeworld_summarize(arms: dict[str, list[Path]]) -> None:
     """
     from srum.shapeworld.report import summarize
 
+    if not arms:
+        raise ValueError("arms: expected at least one arm with report files")
     loaded = {}
     for arm, paths in arms.items():
+        if not paths:
+            raise ValueError(f"arms.{arm}: expected at least one report file")
         loaded[arm] = []
         for path in paths:
             try:
@@ -244,8 +248,6 @@ def shapeworld_summarize(arms: dict[str, list[Path]]) -> None:
             if "difference" not in report:
                 raise ValueError(f"{path}: field 'difference' missing: expected the report of a srum fit run")
             loaded[arm].append(report)
-    if not loaded:
-        raise ValueError("arms: expected at least one arm with report files")
     Console().print(summarize(loaded))
 
 

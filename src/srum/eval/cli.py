@@ -25,6 +25,7 @@ from srum.eval.generate import (
     GenerationSettings,
     checkpoint_identity,
     generate_images,
+    wanted_images,
 )
 from srum.eval.geneval import read_geneval, write_layout
 from srum.eval.judges import DEFAULT_JUDGE_CLASS, Judge, UnifiedJudge, VLMJudge, judge_model_class
@@ -150,14 +151,17 @@ def compbench(checkpoint: Path, out: Path, prompts: Path = Path("data/compbench/
         for model, folder in folders.items():
             judgements[model] = judge_folder(external, folder, folder / judgements_file, judge_batch_size, *retry)
     reports = []
+    wanted = wanted_images(prompt_list, generation)
     for model, folder in folders.items():
+        judgements[model] = [j for j in judgements[model] if j["image_file"] in wanted]  # not earlier runs' extras
         metrics, details = compbench_scores.summarise(judgements[model])
         failed = sum(row["failures"] for row in details.values())
         re_asked = sum(bool(judgement.get("failed_answers")) for judgement in judgements[model])
         details["all"] = {"images": len(judgements[model]), "failures": failed, "re_asked": re_asked}
         run = {"checkpoint": checkpoint_identity(model), "prompts": str(prompts), "images": str(folder),
                "generation": generation.as_record(),
-               "judge": judgements[model][0]["settings"] if judgements[model] else None}
+               "judge": judgements[model][0]["settings"] if judgements[model] else None,
+               "re_ask": {"retries": judge_retries, "temperature": retry_temperature}}
         report = make_report("t2i-compbench", run, metrics, details, [compbench_scores.AGGREGATION])
         path = folder.parent / f"compbench-{generation.mode}-{_name(judge)}.json"
         save_report(path, report)

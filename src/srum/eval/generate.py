@@ -10,7 +10,7 @@ from pathlib import Path
 from srum.generation.pipeline import Pipeline
 from srum.generation.prompts import Prompt
 from srum.generation.sampler import SamplerConfig
-from srum.generation.writer import generate_to_folder
+from srum.generation.writer import generate_to_folder, image_file
 from srum.model.checkpoint import checkpoint_folder
 
 
@@ -59,6 +59,11 @@ GENEVAL_GENERATION = GenerationSettings(images_per_prompt=4, sampler=SamplerConf
 def checkpoint_identity(checkpoint: str | Path) -> str:
     """What records and reports name a checkpoint by: its resolved folder (shipped ones included)."""
     return str(checkpoint_folder(checkpoint).resolve())
+
+
+def wanted_images(prompts: list[Prompt], generation: GenerationSettings) -> set[str]:
+    """The image files these prompts and settings ask for (a folder may hold more from earlier runs)."""
+    return {image_file(p.prompt_id, index) for p in prompts for index in range(generation.images_per_prompt)}
 
 
 def generate_images(pipeline: Pipeline, checkpoint: str | Path, prompts: list[Prompt], folder: Path,

@@ -36,7 +36,12 @@ class ImageJob:
 
     @property
     def image_file(self) -> str:
-        return f"{self.prompt.prompt_id}_{self.index}.png"
+        return image_file(self.prompt.prompt_id, self.index)
+
+
+def image_file(prompt_id: str, index: int) -> str:
+    """The file name of a prompt's ``index``-th image."""
+    return f"{prompt_id}_{index}.png"
 
 
 def image_seed(run_seed: int, prompt_id: str, index: int) -> int:
@@ -77,9 +82,14 @@ def generate_to_folder(pipeline: Pipeline, prompts: list[Prompt], out: Path, sam
     kept = [record for record in records if (out / record["image_file"]).exists()]
     if len(kept) < len(records):  # images deleted since: drop their records too, or the re-made ones would repeat
         rewrite_jsonl(records_path, kept)
-    done = {record["image_file"] for record in kept}
+    done = {record["image_file"]: record["prompt"] for record in kept}
     jobs = [ImageJob(prompt, index, image_seed(seed, prompt.prompt_id, index))
             for prompt in prompts for index in range(images_per_prompt)]
+    for job in jobs:  # a prompt id reused for other text would otherwise keep the old text's image
+        if done.get(job.image_file, job.prompt.text) != job.prompt.text:
+            raise ValueError(f"{records_path}: prompt_id {job.prompt.prompt_id}: expected the text "
+                             f"{done[job.image_file]!r} its images were made for, got {job.prompt.text!r}; "
+                             f"use another --out")
     todo = [job for job in jobs if job.image_file not in done]
     log.info("%d images to generate (%d already in %s)", len(todo), len(jobs) - len(todo), out)
     settings = {**asdict(sampler), "height": height, "width": width, "think": think, "run_seed": seed,

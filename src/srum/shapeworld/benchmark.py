@@ -16,8 +16,8 @@ from srum.shapeworld.world import prompts as world_prompts
 
 
 def shapeworld_sampler() -> SamplerConfig:
-    """The sampling ShapeWorld models are measured with: unguided (the base model passed 20% of seen-pair prompts
-    unguided, 16.5% at CFG 2 and 16% at CFG 3), 16 grid points, no time shift at 36 px."""
+    """The sampling ShapeWorld models are measured with: unguided (the 10,000-step base model passed 20% of
+    seen-pair prompts unguided, 16.5% at CFG 2 and 16% at CFG 3), 16 grid points, no time shift at 36 px."""
     return SamplerConfig(num_timesteps=16, timestep_shift=1.0, cfg_text_scale=1.0, cfg_interval=(0.0, 1.0))
 
 
@@ -62,7 +62,17 @@ are not reused."""
 
 def settings_of(config: BenchmarkConfig) -> dict:
     """The settings a summary records (two summaries are comparable when these are equal)."""
-    return {**asdict(config), "sampler": asdict(config.sampler)}
+    return asdict(config)
+
+
+@torch.no_grad()
+def first_images(pipeline: Pipeline, config: BenchmarkConfig, count: int) -> tuple[list[torch.Tensor], list[str]]:
+    """The benchmark's first ``count`` images and prompts, exactly as ``run_benchmark`` draws them (seeds depend
+    only on the position), without measuring anything."""
+    prompt_list = world_prompts(config.split, config.prompts, config.seed)[:count]
+    generation = evaluate_generation(pipeline, prompt_list, config.sampler, seed=config.seed,
+                                     batch_size=config.batch_size)
+    return generation.images, [p.text for p in prompt_list]
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from srum.shapeworld.tasks import ShapeWorldTasks, TaskMix, corpus
 
 def lr_factor(step: int, warmup_steps: int, decay_steps: int, total_steps: int) -> float:
     """Linear warm-up, constant, then (with ``decay_steps``) linear decay to zero at ``total_steps``."""
-    factor = min(1.0, (step + 1) / warmup_steps)
+    factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     if decay_steps:
         factor = min(factor, max(0.0, (total_steps - step) / decay_steps))
     return factor
@@ -100,6 +100,9 @@ class PretrainModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=(0.9, 0.95), eps=1e-15,
                                       weight_decay=0.0)
+        if self.decay_steps and self.trainer.max_steps <= 0:
+            raise ValueError(f"model.decay_steps: the decay ends at trainer.max_steps; expected a positive "
+                             f"max_steps, got {self.trainer.max_steps}")
         schedule = partial(lr_factor, warmup_steps=self.warmup_steps, decay_steps=self.decay_steps,
                            total_steps=self.trainer.max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

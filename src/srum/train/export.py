@@ -20,6 +20,7 @@ from srum.model.checkpoint import (
     SRUM_CONFIG,
     VIT_CONFIG,
     WEIGHT_FILES,
+    checkpoint_folder,
     read_config,
     write_safetensors_state,
 )
@@ -70,7 +71,7 @@ def export_checkpoint(ckpt: Path, out: Path, weights: Literal["model", "ema"] = 
     """Write ``out`` in the official layout with the trained (or averaged) weights under ``{name}.safetensors``."""
     checkpoint = read_training_checkpoint(Path(ckpt))
     state = checkpoint["state_dict"]
-    base = Path(base or checkpoint.get("srum", {}).get("checkpoint", ""))
+    base = checkpoint_folder(base or checkpoint.get("srum", {}).get("checkpoint", ""))
     config = read_config(base)
     model_state = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
     if weights == "ema":
