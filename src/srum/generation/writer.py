@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from srum.generation.pipeline import Pipeline
 from srum.generation.prompts import Prompt
 from srum.generation.sampler import SamplerConfig
 from srum.generation.text import DecodingConfig
+from srum.io.atomic import atomic_write
 from srum.io.jsonl import append_jsonl, check_settings, read_jsonl, rewrite_jsonl
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,7 @@ def image_seed(run_seed: int, prompt_id: str, index: int) -> int:
 
 
 def _save_png(pixels, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as file:
-        Image.fromarray(pixels.numpy()).save(file, format="PNG")
-        file.flush()
-        os.fsync(file.fileno())  # on disk before the record that points to it
-    os.replace(temporary, path)
+    atomic_write(path, lambda temporary: Image.fromarray(pixels.numpy()).save(temporary, format="PNG"))
 
 
 def read_image_records(path: Path) -> list[dict]:

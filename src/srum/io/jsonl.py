@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from srum.io.atomic import atomic_write
+
 
 def read_jsonl_lines(path: Path) -> list[tuple[int, str]]:
     """(line number, text) of every complete line; a torn last line (a killed write) is cut off the file."""
@@ -41,13 +43,8 @@ def append_jsonl(path: Path, record: Any) -> None:
 
 
 def replace_text(path: Path, text: str) -> None:
-    """Write through a temporary file and rename it: a reader sees the old file or the new one, never a part."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    """Replace a text file whole (see ``atomic_write``)."""
+    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def rewrite_jsonl(path: Path, records: list[Any]) -> None:

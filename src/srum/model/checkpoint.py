@@ -11,9 +11,6 @@ final dtype, so loading never holds a second full copy of the weights in host me
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
@@ -25,6 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from srum.io.atomic import atomic_write
+from srum.io.jsonl import write_json
 from srum.model.autoencoder import build_autoencoder
 from srum.model.bagel import Bagel
 from srum.model.build import reset_buffers
@@ -164,29 +163,6 @@ def load_autoencoder(folder: str | Path, config: AEConfig, device: torch.device 
     return module.eval().requires_grad_(False)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary file beside ``path`` and rename it, so a crash never leaves a half-written file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates files private to their owner
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
-
-
 def _write_safetensors(path: Path, module: nn.Module, dtype: torch.dtype | None) -> None:
     write_safetensors_state(path, module.state_dict(), dtype)
 
@@ -197,7 +173,7 @@ def write_safetensors_state(path: Path, state: Mapping[str, Tensor], dtype: torc
         return t if dtype is None or not t.is_floating_point() else t.to(dtype)
 
     tensors = {name: cast(t).detach().contiguous().cpu() for name, t in state.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 def save_checkpoint(folder: str | Path, model: Bagel, autoencoder: nn.Module | None = None, *,
@@ -207,10 +183,10 @@ def save_checkpoint(folder: str | Path, model: Bagel, autoencoder: nn.Module | N
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
-    _write_json(folder / LLM_CONFIG, config.llm.to_hf_dict())
+    write_json(folder / LLM_CONFIG, config.llm.to_hf_dict())
     if config.visual_und:
-        _write_json(folder / VIT_CONFIG, config.vit.to_hf_dict())
-    _write_json(folder / SRUM_CONFIG, config.srum_fields())
+        write_json(folder / VIT_CONFIG, config.vit.to_hf_dict())
+    write_json(folder / SRUM_CONFIG, config.srum_fields())
     _write_safetensors(folder / WEIGHT_FILES[weights], model, dtype)
     if autoencoder is not None and config.ae.kind == "flux":
         _write_safetensors(folder / AE_WEIGHTS, autoencoder, None)

@@ -4,7 +4,6 @@ on the terminal, and PNG grids of the same prompts drawn by each with their self
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from srum.io.atomic import atomic_write
 from srum.io.jsonl import replace_text, write_json
 from srum.train.callbacks import reward_grid
 
@@ -125,8 +125,6 @@ def write_report(folder: Path, summaries: dict[str, dict], panels: dict | None =
     write_json(folder / "report.json", report)
     replace_text(folder / "report.md", "# ShapeWorld report\n\n" + markdown_table(summaries))
     if panels:
-        temporary = folder / ".grid.png.partial"
-        grid(panels).save(temporary, format="PNG")
-        os.replace(temporary, folder / "grid.png")
+        atomic_write(folder / "grid.png", lambda temporary: grid(panels).save(temporary, format="PNG"))
     (console or Console()).print(rich_table(summaries))
     return report
