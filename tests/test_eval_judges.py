@@ -94,7 +94,7 @@ def test_judging_is_resumable_and_locked_to_one_judge(vlm_folder, generated, tmp
 
     other = VLMJudge(vlm_folder, "LlavaForConditionalGeneration", max_new_tokens=5)
     with pytest.raises(ValueError, match=r"judgements.jsonl: holds judgements made with other settings "
-                                         r"\(max_new_tokens\); use another --out"):
+                                         r"\(max_new_tokens\); move judgements.jsonl away to judge the images again"):
         judge_folder(other, generated, out)
 
 

@@ -52,7 +52,8 @@ def judge_folder(judge: Judge, images: Path, out: Path, batch_size: int = 1, ret
     check_retries(retries, retry_temperature)
     settings = json.loads(json.dumps(judge.settings))  # as a record stores them
     judgements = read_image_records(out)
-    check_settings(out, judgements, settings, "judgements")
+    check_settings(out, judgements, settings, "judgements",  # the images stay valid: only the judging restarts
+                   f"move {out.name} away to judge the images again")
     todo = pending_images(images, {judgement["image_file"] for judgement in judgements})
     log.info("%d images to judge (%d already in %s)", len(todo), len(latest_judgements(judgements)), out)
     out.parent.mkdir(parents=True, exist_ok=True)

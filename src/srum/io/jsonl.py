@@ -56,13 +56,14 @@ def write_json(path: Path, data: Any) -> None:
     replace_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def check_settings(path: Path, records: list[dict], settings: dict, what: str) -> None:
+def check_settings(path: Path, records: list[dict], settings: dict, what: str,
+                   remedy: str = "use another --out") -> None:
     """A resumable record file holds the results of one set of settings: refuse to add results made otherwise.
 
-    ``settings`` must be as a record stores them (through JSON: tuples become lists)."""
+    ``settings`` must be as a record stores them (through JSON: tuples become lists); ``remedy`` tells the user
+    what to do instead."""
     for record in records:
         if record.get("settings") != settings:
             changed = sorted(k for k in settings.keys() | record.get("settings", {}).keys()
                              if settings.get(k) != record.get("settings", {}).get(k))
-            raise ValueError(f"{path}: holds {what} made with other settings ({', '.join(changed)}); "
-                             "use another --out")
+            raise ValueError(f"{path}: holds {what} made with other settings ({', '.join(changed)}); {remedy}")
