@@ -66,12 +66,13 @@ def report_tables(report: dict, title: str) -> list[Table]:
         rows = report[section]
         if not rows:
             continue
+        fields = _fields(rows)
         table = Table(title=f"{title}: {section}")
         table.add_column("")
-        for field in _fields(rows):
+        for field in fields:
             table.add_column(field, justify="right")
         for name, row in rows.items():
-            table.add_row(name, *(_cell(row.get(field)) for field in _fields(rows)))
+            table.add_row(name, *(_cell(row.get(field)) for field in fields))
         tables.append(table)
     return tables
 
