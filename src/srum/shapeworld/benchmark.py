@@ -55,9 +55,9 @@ class Evaluation:
     prompts: list[str]
 
 
-SUMMARY_VERSION = 2
-"""What a summary holds (2: the judge's rejections per kind of mistake); cached measurements of another version
-are not reused."""
+SUMMARY_VERSION = 3
+"""What a summary holds (2: the judge's rejections per kind of mistake; 3: judge renders drawn from the
+benchmark's prompts, seen and unseen pairs mixed); cached measurements of another version are not reused."""
 
 
 def settings_of(config: BenchmarkConfig) -> dict:

@@ -18,7 +18,8 @@ from srum.reward.proposals import WholeImageProposer
 from srum.reward.scorer import ScorerConfig, SelfScorer
 from srum.shapeworld.checker import Verdict, report, score
 from srum.shapeworld.tasks import SHAPEWORLD_INSTRUCTIONS, perturb
-from srum.shapeworld.world import CATEGORIES, SIZE, Prompt, render, sample_spec, scene_for
+from srum.shapeworld.world import SIZE, Prompt, render, scene_for
+from srum.shapeworld.world import prompts as world_prompts
 
 CLEAN = "clean"
 
@@ -53,13 +54,14 @@ def global_expected_scores(pipeline: Pipeline, images: list[torch.Tensor], promp
 
 def evaluate_judge(pipeline: Pipeline, count: int = 200, seed: int = 0, split: str = "test") -> dict:
     """Balanced accuracy of the sign of the model's global score on clean vs one-thing-wrong renders, and the
-    share of wrong renders rejected per kind of change (which mistakes the judge can see)."""
+    share of wrong renders rejected per kind of change (which mistakes the judge can see). The prompts are the
+    split's benchmark prompts (seen and unseen pairs mixed as in generation)."""
     rng = random.Random(seed)
     images, prompts, kinds = [], [], []
-    for index in range(count):
-        spec = sample_spec(CATEGORIES[index % len(CATEGORIES)], rng, split)
+    for prompt in world_prompts(split, count, seed):
+        spec = prompt.spec
         scene = scene_for(spec, rng)
-        clean = rng.random() < 0.5  # independent of the category, which cycles with the index
+        clean = rng.random() < 0.5  # independent of the category, which cycles with the position
         shown, kind = (scene, CLEAN) if clean else perturb(scene, spec, rng)
         images.append(render(shown))
         prompts.append(spec.text())
