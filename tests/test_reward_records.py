@@ -137,12 +137,16 @@ def test_empty_region_list_gives_the_global_only_map(tmp_path):
     assert torch.allclose(pixel_maps(scored_regions([record]), 4, 4)[0], torch.full((4, 4), 0.375))
 
 
-def test_torn_last_line_is_cut_and_blank_lines_skipped(tmp_path):
+def test_blank_lines_skipped_and_a_torn_last_line_named_not_cut(tmp_path):
+    """A user's record file is never changed: its last line is read even without a final newline."""
     path = _write(tmp_path, GOOD, "", GOOD)
     with path.open("a") as file:
         file.write('{"bad_image_file": "b.p')
-    assert len(load_records(path).records) == 2
-    assert path.read_text().endswith("\n")
+    before = path.read_bytes()
+    with pytest.raises(RecordError, match=r"records.jsonl:4: not valid JSON"):
+        load_records(path)
+    loaded = load_records(path, strict=False)
+    assert len(loaded.records) == 2 and len(loaded.problems) == 1 and path.read_bytes() == before
 
 
 def test_srum_format_round_trips_and_converts_to_official(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 from srum.eval.judges import Judge
 from srum.eval.rubric import JUDGE_INSTRUCTION, official_score, parse_verdict
 from srum.generation.writer import pending_images, read_image_records
-from srum.io.jsonl import append_jsonl, check_settings
+from srum.io.jsonl import append_jsonl, check_settings, repair_torn_tail
 from srum.reward.rollouts import read_image
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ def judge_folder(judge: Judge, images: Path, out: Path, batch_size: int = 1, ret
     first, greedy answer (``official_score``, -1 on failure), which is what the official protocol reports."""
     check_retries(retries, retry_temperature)
     settings = json.loads(json.dumps(judge.settings))  # as a record stores them
+    repair_torn_tail(out)
     judgements = read_image_records(out)
     check_settings(out, judgements, settings, "judgements",  # the images stay valid: only the judging restarts
                    f"move {out.name} away to judge the images again")

@@ -24,7 +24,7 @@ from typing import Literal
 from srum.eval.metrics import GroupedMean
 from srum.generation.pipeline import Pipeline
 from srum.generation.text import DecodingConfig
-from srum.io.jsonl import append_jsonl, check_settings, read_jsonl, read_jsonl_lines
+from srum.io.jsonl import append_jsonl, check_settings, read_jsonl, read_jsonl_lines, repair_torn_tail
 from srum.model.autoencoder import from_uint8_image
 from srum.reward.rollouts import read_image
 
@@ -138,6 +138,7 @@ def answer_questions(pipeline: Pipeline, questions: list[Question], out: Path, m
     ``settings`` (what decides the answers besides the method) are locked into the file."""
     decoding = {"max_new_tokens": max_new_tokens} if method == "decode" else {}
     settings = json.loads(json.dumps({**(settings or {}), "method": method, **decoding}))
+    repair_torn_tail(out)
     predictions = read_jsonl(out)
     for number, prediction in enumerate(predictions, start=1):
         if not isinstance(prediction, dict) or "id" not in prediction:

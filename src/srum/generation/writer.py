@@ -22,7 +22,7 @@ from srum.generation.prompts import Prompt
 from srum.generation.sampler import SamplerConfig
 from srum.generation.text import DecodingConfig
 from srum.io.atomic import atomic_write
-from srum.io.jsonl import append_jsonl, check_settings, read_jsonl, rewrite_jsonl
+from srum.io.jsonl import append_jsonl, check_settings, read_jsonl, repair_torn_tail, rewrite_jsonl
 
 log = logging.getLogger(__name__)
 RECORDS = "records.jsonl"
@@ -73,6 +73,7 @@ def generate_to_folder(pipeline: Pipeline, prompts: list[Prompt], out: Path, sam
     ``extra_settings`` (such as the checkpoint) are recorded and locked with the sampler settings."""
     out.mkdir(parents=True, exist_ok=True)
     records_path = out / RECORDS
+    repair_torn_tail(records_path)
     records = read_image_records(records_path)
     kept = [record for record in records if (out / record["image_file"]).exists()]
     if len(kept) < len(records):  # images deleted since: drop their records too, or the re-made ones would repeat

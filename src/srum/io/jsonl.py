@@ -1,5 +1,6 @@
 """JSONL files that survive being killed: one record per line, each append a single flushed and synced write,
-a torn last line cut off on the next read, rewrites (and whole JSON files) through a temporary file."""
+a torn last line cut off before a resumed run appends again, rewrites (and whole JSON files) through a temporary
+file. Reading never changes a file."""
 
 from __future__ import annotations
 
@@ -12,16 +13,23 @@ from srum.io.atomic import atomic_write
 
 
 def read_jsonl_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, text) of every complete line; a torn last line (a killed write) is cut off the file."""
+    """(line number, text) of every non-blank line, a last line without a final newline included: the file may be
+    a user's, so it is read as it is and never changed (see ``repair_torn_tail``)."""
     if not path.exists():
         return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        with path.open("r+b") as file:
-            file.truncate(len(data))
-    return [(number, line) for number, line in enumerate(data.decode("utf-8").split("\n")[:-1], start=1)
-            if line.strip()]
+    lines = path.read_bytes().decode("utf-8").split("\n")
+    return [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def repair_torn_tail(path: Path) -> None:
+    """Cut a torn last line (a write killed mid-record) off srum's own resumable output before resuming appends to
+    it: the next record would be glued onto it. Never for a user's file, whose last line may just lack a newline."""
+    if not path.exists():
+        return
+    with path.open("r+b") as file:
+        data = file.read()
+        if data and not data.endswith(b"\n"):
+            file.truncate(data.rfind(b"\n") + 1)
 
 
 def read_jsonl(path: Path) -> list[Any]:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from srum.generation.writer import pending_images
+from srum.io.jsonl import repair_torn_tail
 from srum.reward.records import append_record, load_records
 from srum.reward.scorer import SelfScorer
 
@@ -27,6 +28,7 @@ def read_image(path: Path) -> torch.Tensor:
 
 def score_rollouts(scorer: SelfScorer, rollouts: Path, out: Path, batch_size: int = 4) -> int:
     """Score what is missing in ``out``; returns the number of records written by this call."""
+    repair_torn_tail(out)
     done = {r.image_file for r in load_records(out, strict=False).records} if out.exists() else set()
     todo = pending_images(rollouts, done)
     log.info("%d images to score (%d already in %s)", len(todo), len(done), out)
