@@ -16,8 +16,9 @@ import pytest
 from srum.cli import main
 from srum.generation.prompts import read_prompts
 from srum.generation.sampler import SamplerConfig
+from srum.reward.judges import ScoringConfig
 from srum.train.data import SRUMDataModule
-from srum.train.module import OptimConfig, RolloutConfig, ScoringConfig, SRUMModule
+from srum.train.module import OptimConfig, RolloutConfig, SRUMModule
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = "a red cube left of a blue ball\ntwo green circles\na yellow square\nthree blue triangles\n"
@@ -47,8 +48,7 @@ def test_online_step_breakdown(benchmark, setup):
     def step() -> None:
         samples, timing = module.rollout_and_score(prompts, 7)
         start = time.perf_counter()
-        loss, _ = module.compute_loss(samples, 7, 0)
-        loss.backward()
+        module.objective.step(module.policy(7), samples, 0, lambda loss: loss.backward())
         timing["update"] = time.perf_counter() - start
         shares.update(timing)
 

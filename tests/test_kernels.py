@@ -87,7 +87,8 @@ def test_dispatcher_refuses_triton_for_maps_that_need_a_gradient():
 def test_training_with_the_fused_loss_follows_the_reference(tmp_path, monkeypatch):
     """A few optimizer steps of a tiny model: per-step losses and final weights agree between implementations."""
     from srum.cli import main
-    from srum.train.module import SRUMModule, StepSamples
+    from srum.objectives import Candidates
+    from srum.train.module import SRUMModule
 
     main(["model", "init", "--preset", "tiny", "--out", str(tmp_path), "--seed", "0"])
     generator = torch.Generator().manual_seed(0)
@@ -102,9 +103,9 @@ def test_training_with_the_fused_loss_follows_the_reference(tmp_path, monkeypatc
         optimizer = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-3)
         losses = []
         for step in range(3):
-            loss, _ = module.compute_loss(StepSamples(["a", "b c", "d"], latents, maps, []), index=step, update=0)
             optimizer.zero_grad()
-            loss.backward()
+            loss, _ = module.objective.step(module.policy(step), Candidates(["a", "b c", "d"], latents, maps, []), 0,
+                                            lambda loss: loss.backward())
             optimizer.step()
             losses.append(float(loss))
         results[impl] = (losses, module.model.state_dict())

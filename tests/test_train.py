@@ -19,9 +19,10 @@ from srum.cli import main
 from srum.generation.prompts import read_prompts
 from srum.generation.sampler import SamplerConfig
 from srum.model.checkpoint import load_checkpoint
+from srum.objectives import Candidates
 from srum.train.callbacks import RewardGridCallback
 from srum.train.data import ScheduledBatches, SRUMDataModule
-from srum.train.module import OptimConfig, RolloutConfig, SRUMModule, StepSamples
+from srum.train.module import OptimConfig, RolloutConfig, SRUMModule
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
@@ -95,8 +96,8 @@ def test_reward_maps_reach_the_loss(tiny):
     generator = torch.Generator().manual_seed(0)
     latents = [torch.randn(12, 4, 6, generator=generator) for _ in range(2)]
     maps = [torch.rand(2, 3, generator=generator).requires_grad_(True) for _ in range(2)]
-    loss, _ = module.compute_loss(StepSamples(["a red cube", "a blue ball"], latents, maps, []), index=0, update=0)
-    loss.backward()
+    module.objective.step(module.policy(0), Candidates(["a red cube", "a blue ball"], latents, maps, []), 0,
+                          lambda loss: loss.backward())
     assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in maps)
     assert module.model.llm2vae.weight.grad.abs().sum() > 0
 
@@ -105,15 +106,15 @@ def test_non_finite_steps_are_skipped_and_training_goes_on(tiny, tmp_path, monke
     module = SRUMModule(tiny["checkpoint"], rollout=RolloutConfig(height=16, width=24,
                                                                   sampler=SamplerConfig(num_timesteps=3)),
                         optim=OptimConfig(warmup_steps=1))
-    original = module.compute_loss
+    original = module.objective.step
     calls = []
 
-    def first_call_nan(samples, index, update):
-        loss, terms = original(samples, index, update)
-        calls.append(index)
+    def first_call_nan(policy, samples, update, backward):
+        loss, terms = original(policy, samples, update, backward)
+        calls.append(update)
         return (loss * float("nan"), terms) if len(calls) == 1 else (loss, terms)
 
-    monkeypatch.setattr(module, "compute_loss", first_call_nan)
+    monkeypatch.setattr(module.objective, "step", first_call_nan)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", default_root_dir=tmp_path, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
                         callbacks=[RewardGridCallback(every_n_steps=1)])
@@ -252,7 +253,7 @@ def test_validate_reports_the_self_reward_of_fresh_rollouts(tiny, tmp_path, caps
 
 
 def test_scoring_instructions_are_chosen_by_config(tiny, tmp_path):
-    from srum.train.module import ScoringConfig
+    from srum.reward.judges import ScoringConfig
 
     module = SRUMModule(tiny["checkpoint"], scoring=ScoringConfig(instructions="shapeworld"))
     module.configure_model()

@@ -251,6 +251,27 @@ def shapeworld_summarize(arms: dict[str, list[Path]]) -> None:
     Console().print(summarize(loaded))
 
 
+def shapeworld_curves(arms: dict[str, list[Path]], out: Path) -> None:
+    """Draw the learning curves of several arms in one figure: pass rate and overall vs step, mean and min-max.
+
+    Args:
+        arms: arm name -> ``curve.json`` files of its runs (e.g. one per seed), as JSON:
+            ``--arms '{"srum": ["runs/s0/report/curve.json", ...], "uniform": [...]}'``.
+        out: the PNG to write.
+    """
+    from srum.shapeworld.curve import plot_curves, read_curve
+
+    if not arms:
+        raise ValueError("arms: expected at least one arm with curve files")
+    loaded = {}
+    for arm, paths in arms.items():
+        if not paths:
+            raise ValueError(f"arms.{arm}: expected at least one curve file")
+        loaded[arm] = [read_curve(Path(path)) for path in paths]
+    plot_curves(loaded, out)
+    log.info("wrote %s", out)
+
+
 COMMANDS = {
     "generate": generate,
     "score": score,
@@ -260,7 +281,7 @@ COMMANDS = {
         "init": model_init,
         "overfit": model_overfit,
     },
-    "shapeworld": {"summarize": shapeworld_summarize},
+    "shapeworld": {"summarize": shapeworld_summarize, "curves": shapeworld_curves},
 }
 
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from srum.generation.context import ContextBatch
 from srum.generation.sampler import SamplerConfig, combine_guidance, euler_step
+from srum.generation.sde import sde_step, step_noise
 from srum.model.patches import unpatchify
 
 
@@ -37,11 +38,25 @@ class DenoisingStep:
     v_text_uncond: Tensor | None
     v_image_uncond: Tensor | None
     velocity: Tensor
+    t_next: float = 0.0
+    x_next: Tensor | None = None
+    log_prob: Tensor | None = None
+    """(N,) per-token log-probability of ``x_next`` (SDE sampling only)."""
+
+
+@dataclass(frozen=True)
+class StochasticSteps:
+    """Run the sampler as an SDE (``srum.generation.sde``): the noise level and one generator per image for
+    the step noise (continuing each image's own generator keeps images independent of their batch)."""
+
+    noise_level: float
+    generators: list[torch.Generator]
 
 
 def sample_latent_tokens(contexts: GuidanceContexts, grids: list[tuple[int, int]], initial_noise: Tensor,
-                         config: SamplerConfig, on_step: Callable[[DenoisingStep], None] | None = None) -> Tensor:
-    """Integrate from noise (t = 1) to data (t = 0) with T - 1 Euler steps.
+                         config: SamplerConfig, on_step: Callable[[DenoisingStep], None] | None = None,
+                         stochastic: StochasticSteps | None = None) -> Tensor:
+    """Integrate from noise (t = 1) to data (t = 0) with T - 1 Euler steps (or SDE steps with ``stochastic``).
 
     Args:
         grids: (rows, cols) of latent tokens of each context's image.
@@ -64,9 +79,15 @@ def sample_latent_tokens(contexts: GuidanceContexts, grids: list[tuple[int, int]
         v_text = contexts.text_uncond.velocity(query, x, t_tokens).float() if config.guided(t) else None
         v_image = contexts.image_uncond.velocity(query, x, t_tokens).float() if config.image_guided(t) else None
         velocity = combine_guidance(v_cond, v_text, v_image, config, tokens_per_image)
+        log_prob = None
+        if stochastic is None:
+            x_next = euler_step(x, velocity, t, t_next)
+        else:
+            noise = step_noise(tokens_per_image.tolist(), x.shape[1], stochastic.generators).to(x.device)
+            x_next, log_prob = sde_step(x, velocity, t, t_next, stochastic.noise_level, noise)
         if on_step is not None:
-            on_step(DenoisingStep(t, x, v_cond, v_text, v_image, velocity))
-        x = euler_step(x, velocity, t, t_next)
+            on_step(DenoisingStep(t, x, v_cond, v_text, v_image, velocity, t_next, x_next, log_prob))
+        x = x_next
     return x
 
 

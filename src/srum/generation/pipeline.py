@@ -12,8 +12,16 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from srum.generation.context import ContextBatch
-from srum.generation.image import GuidanceContexts, initial_noise, sample_latent_tokens, tokens_to_latents
+from srum.generation.image import (
+    DenoisingStep,
+    GuidanceContexts,
+    StochasticSteps,
+    initial_noise,
+    sample_latent_tokens,
+    tokens_to_latents,
+)
 from srum.generation.sampler import SamplerConfig
+from srum.generation.sde import Trajectory
 from srum.generation.text import DecodingConfig, candidate_logprobs, generate_text
 from srum.model.autoencoder import to_uint8_images
 from srum.model.bagel import Bagel
@@ -36,6 +44,8 @@ class GeneratedImages:
     """Per image, the sampled latent (C, H / ae_factor, W / ae_factor)."""
     plans: list[str] = field(default_factory=list)
     """Per image, the think-mode plan (empty without think)."""
+    trajectory: Trajectory | None = None
+    """The steps taken, packed over the images (SDE sampling only)."""
 
 
 def vit_size(height: int, width: int, patch: int, max_side: int, min_side: int = 224,
@@ -129,9 +139,10 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], sampler: SamplerConfig | None = None,
                  height: int = 1024, width: int = 1024, think: bool = False,
-                 decoding: DecodingConfig | None = None) -> GeneratedImages:
+                 decoding: DecodingConfig | None = None, noise_level: float | None = None) -> GeneratedImages:
         """One image per prompt, image i drawn from a noise generator seeded ``seeds[i]``: the same seed gives
-        the same image whatever the batch. Repeat a prompt to get several images of it."""
+        the same image whatever the batch. Repeat a prompt to get several images of it. With ``noise_level`` the
+        sampler runs as an SDE (``srum.generation.sde``) and the trajectory is returned."""
         if len(seeds) != len(prompts):
             raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
         sampler = sampler or SamplerConfig()
@@ -139,12 +150,19 @@ class Pipeline:
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         contexts, plans = self.prompt_contexts(prompts, sampler, think, decoding, generators[0] if think else None)
         noise = initial_noise(grids, self.model.config.latent_channels, generators)
-        tokens = sample_latent_tokens(contexts, grids, noise, sampler)
+        steps: list[DenoisingStep] = []
+        stochastic = None if noise_level is None else StochasticSteps(noise_level, generators)
+        tokens = sample_latent_tokens(contexts, grids, noise, sampler, steps.append if stochastic else None,
+                                      stochastic)
         latents = tokens_to_latents(tokens, grids, self.model.config.latent_patch_size)
         ae_dtype = next(iter(self.autoencoder.parameters()), tokens).dtype
         decoded = self.autoencoder.decode(torch.stack(latents).to(ae_dtype))  # (B, 3, H, W)
         images = list(to_uint8_images(decoded).cpu())
-        return GeneratedImages(images=images, latents=[latent.cpu() for latent in latents], plans=plans)
+        trajectory = None if stochastic is None else Trajectory(
+            [(step.t, step.t_next) for step in steps], torch.stack([step.x_t for step in steps]),
+            torch.stack([step.x_next for step in steps]), torch.stack([step.log_prob for step in steps]), noise_level)
+        return GeneratedImages(images=images, latents=[latent.cpu() for latent in latents], plans=plans,
+                               trajectory=trajectory)
 
     def _image_contexts(self, images: list[Tensor], questions: list[str], think: bool) -> ContextBatch:
         contexts = self._contexts(len(images))

@@ -127,9 +127,7 @@ class Bagel(nn.Module):
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
         x_t = interpolate(x0, noise, t)
-        embeds = self.embed(batch, x_t, backend)
-        hidden = self.hidden_states(batch, embeds, packed_attention_fn(batch.layout, backend))
-
+        hidden = self._decode(batch, x_t, backend)
         logits = self.language_model.lm_head(hidden[batch.ce_indexes])
         mse_indexes = (t > 0).nonzero().squeeze(1)
         target = (noise - x0)[mse_indexes]
@@ -137,6 +135,16 @@ class Bagel(nn.Module):
                                          t[mse_indexes])
         return BagelOutput(logits=logits, labels=batch.ce_labels, velocity=velocity, target_velocity=target,
                            mse_indexes=mse_indexes)
+
+    def _decode(self, batch: PackedBatch, x_t: Tensor, backend: Backend) -> Tensor:
+        embeds = self.embed(batch, x_t, backend)
+        return self.hidden_states(batch, embeds, packed_attention_fn(batch.layout, backend))
+
+    def velocity_at(self, batch: PackedBatch, x_t: Tensor, backend: Backend = "sdpa") -> Tensor:
+        """Velocities of the batch's latent tokens at given states ``x_t`` (Nl, latent_channels) and the batch's
+        latent timesteps (all > 0), with gradients: the policy's step of a sampled trajectory, re-evaluated."""
+        hidden = self._decode(batch, x_t, backend)
+        return self.predict_velocity(hidden[batch.latent_indexes], x_t, batch.latent_timesteps)
 
     def predict_velocity(self, hidden: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Velocity of latent tokens x_t (N, latent_channels) at times t (N,) from their final-normed hidden

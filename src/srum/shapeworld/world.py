@@ -222,3 +222,8 @@ def prompts(split: Split, count: int, seed: int = 0) -> list[Prompt]:
         spec = sample_spec(CATEGORIES[index % len(CATEGORIES)], rng, split if unseen else "train")
         drawn.append(Prompt(f"{split}-{index}", spec))
     return drawn
+
+
+def ground_truth_image(text: str, seed: int) -> Tensor:
+    """A clean render of a prompt, its scene drawn from ``seed``: the perfect training data of the ceiling arm."""
+    return render(scene_for(parse_spec(text), random.Random(seed)))

@@ -1,9 +1,11 @@
 """``SRUMModule``: the unified model trained on its own rewarded generations.
 
-Online mode runs the whole loop in ``training_step``: draw K images per prompt with the current weights (no
-grad, eval mode), propose regions, self-score with the same model, turn the scores into per-token reward maps
-and take a step on the constrained dense-reward flow loss. Offline mode takes the same step on reward records
-written by ``srum generate`` + ``srum score`` (or official SRUM records).
+The module conducts; the parts live elsewhere. Online mode runs the whole loop in ``training_step``: draw K
+candidates per prompt with the current weights (no grad, eval mode), have the judge score them
+(``srum.reward.judges``: the model itself, the checker or an external VLM), paint per-token reward maps, and let
+the objective (``srum.objectives``: the official weighted loss, advantage weighting or policy gradient) compute
+and back-propagate the update. Offline mode takes the same step on reward records written by ``srum generate``
++ ``srum score`` (or official SRUM records).
 
 Optimisation is manual so that a step whose loss or gradient is not finite can be skipped, counted and logged
 while training goes on. Everything random in a step is seeded from (seed, batch index, rank), so a resumed run
@@ -24,23 +26,20 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from srum.generation.pipeline import Pipeline
+from srum.generation.pipeline import GeneratedImages, Pipeline
 from srum.generation.prompts import Prompt
 from srum.generation.sampler import SamplerConfig
 from srum.generation.text import DecodingConfig
-from srum.loss import Impl, LossConfig, dense_reward_flow_loss
+from srum.loss import Impl, LossConfig
 from srum.model.autoencoder import from_uint8_image
 from srum.model.bagel import Bagel
 from srum.model.checkpoint import load_checkpoint
-from srum.model.flow import logit_normal_timesteps
-from srum.model.packing import Text, VaeImage, pack
 from srum.model.tokenizer import load_tokenizer
-from srum.reward.instructions import DEFAULT_INSTRUCTIONS, ScoringInstructions, read_instructions
+from srum.objectives import Candidates, Policy, build_objective
+from srum.reward.judges import ScoringConfig, build_judge
 from srum.reward.maps import MapConfig, token_rewards
-from srum.reward.proposals import build_proposer
-from srum.reward.records import RewardRecord, ScoreKind, scored_regions
+from srum.reward.records import RewardRecord, scored_regions
 from srum.reward.rollouts import read_image
-from srum.reward.scorer import ScorerConfig, SelfScorer
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +62,16 @@ class RolloutConfig:
     """Plan length limit."""
     updates_per_rollout: int = 1
     """Optimizer steps taken on one rollout (each with fresh timesteps and noise)."""
+    source: Literal["model", "ground_truth"] = "model"
+    """Where candidates come from: the model's own sampler, or clean renders of the prompts (ShapeWorld only: the
+    ceiling arm, perfect supervision at the same step budget)."""
 
-
-@dataclass(frozen=True)
-class ScoringConfig:
-    """How online candidates are judged."""
-
-    proposer: Literal["components", "grid", "whole", "sam"] = "components"
-    """Region proposer."""
-    max_regions: int = 10
-    """Regions kept per image, largest first."""
-    sam_dir: str | None = None
-    """Local transformers SAM folder (proposer sam)."""
-    scorer: ScorerConfig = field(default_factory=lambda: ScorerConfig(method="expected"))
-    """Scorer settings (expected scores need no decoding: the fast default online)."""
-    score_kind: ScoreKind = "expected"
-    """Which score kind becomes the reward: expected (probability-weighted) or text (parsed answers)."""
-    instructions: str = "default"
-    """Scoring instructions: ``default`` (srum's wording), ``shapeworld`` (the short ShapeWorld set the base model
-    is pretrained on) or a YAML file replacing templates."""
-    judge: Literal["self", "checker"] = "self"
-    """Who scores: the model itself (SRUM), or ShapeWorld's weight-free checker (the oracle arm, ShapeWorld
-    prompts only)."""
+    def __post_init__(self) -> None:
+        if self.images_per_prompt < 1 or self.updates_per_rollout < 1:
+            raise ValueError(f"rollout: expected images_per_prompt >= 1 and updates_per_rollout >= 1, got "
+                             f"{self.images_per_prompt} and {self.updates_per_rollout}")
+        if self.source not in ("model", "ground_truth"):
+            raise ValueError(f"rollout.source: expected model or ground_truth, got {self.source!r}")
 
 
 @dataclass(frozen=True)
@@ -121,16 +108,6 @@ def lora_targets(trainable: str) -> str:
     return (rf".*\.self_attn\.(q|k|v|o)_proj{suffix}|.*\.mlp{suffix}\.(gate|up|down)_proj")
 
 
-@dataclass
-class StepSamples:
-    """What one update trains on: per image the prompt, the clean latent (C, h, w) and the token reward map."""
-
-    prompts: list[str]
-    latents: list[Tensor]
-    reward_maps: list[Tensor]
-    records: list[RewardRecord]
-
-
 def _warmup(warmup_steps: int):
     return lambda step: min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
 
@@ -142,7 +119,7 @@ class SRUMModule(L.LightningModule):
         checkpoint: checkpoint folder in the official layout (model, autoencoder, tokenizer).
         mode: ``online`` (rollouts inside each step, from a prompt file) or ``offline`` (reward records).
         trainable: ``all`` language-model weights and adapters (official), or ``generation`` expert only.
-        loss: the constrained dense-reward loss.
+        loss: the objective (``loss.objective``) and the constrained dense-reward loss's settings.
         reward_map: how scores become maps.
         rollout: online candidate drawing.
         scoring: online judging.
@@ -176,6 +153,18 @@ class SRUMModule(L.LightningModule):
         self.reward_dropped_text, self.ema_decay, self.lora = reward_dropped_text, ema_decay, lora
         self.loss_impl = loss_impl
         self.activation_checkpointing, self.seed = activation_checkpointing, seed
+        self.objective = build_objective(loss, text_dropout, timestep_shift, reward_dropped_text)
+        if mode == "online" and rollout.images_per_prompt < self.objective.group_size_needed:
+            raise ValueError(f"rollout.images_per_prompt: loss.objective {loss.objective} compares candidates of "
+                             f"a prompt; expected >= {self.objective.group_size_needed}, got "
+                             f"{rollout.images_per_prompt}")
+        if mode == "offline" and loss.objective != "weighted":
+            raise ValueError(f"loss.objective: offline records hold no candidate groups; expected weighted, got "
+                             f"{loss.objective}")
+        if self.objective.noise_level is not None and (rollout.sampler.cfg_text_scale > 1 or rollout.think
+                                                       or rollout.source != "model"):
+            raise ValueError("loss.objective policy_gradient: re-evaluates the conditional velocity of the model's "
+                             "own steps; expected rollout.sampler.cfg_text_scale 1, think off and source model")
         self.automatic_optimization = False
         self.model: Bagel | None = None
         self.skipped_steps = 0
@@ -190,7 +179,7 @@ class SRUMModule(L.LightningModule):
         self.model = loaded.model
         self.autoencoder = loaded.autoencoder.requires_grad_(False)
         self.tokenizer, self.special = load_tokenizer(self.checkpoint)
-        if self.loss_config.constraint == "reference":
+        if self._needs_reference:
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
         self._set_trainable(self.model)
         if self.device_mesh is not None:
@@ -203,7 +192,12 @@ class SRUMModule(L.LightningModule):
                 for name, p in self.model.named_parameters() if p.requires_grad})
         self.pipeline = Pipeline(self.model, self.autoencoder, self.tokenizer, self.special)
         self.model.train()  # the pipeline puts it in eval mode; rollouts switch modes themselves
-        self.scorer = self._scorer() if self.mode == "online" else None
+        self.scorer = build_judge(self.scoring, self.pipeline, self.device) if self.mode == "online" else None
+
+    @property
+    def _needs_reference(self) -> bool:
+        pg = self.loss_config.objective == "policy_gradient" and self.loss_config.policy_gradient.kl_weight > 0
+        return self.loss_config.constraint == "reference" or pg
 
     def _set_trainable(self, model: Bagel) -> None:
         """The vision encoder and connector stay frozen; the sin-cos tables are buffers. With LoRA only the
@@ -225,30 +219,6 @@ class SRUMModule(L.LightningModule):
             generation = "moe_gen" in name or name.startswith(("time_embedder.", "vae2llm.", "llm2vae."))
             parameter.requires_grad_(self.trainable == "all" or generation)
 
-    def _scorer(self):
-        if self.scoring.judge == "checker":
-            from srum.shapeworld.oracle import CheckerScorer
-
-            return CheckerScorer()
-        if self.scoring.judge != "self":
-            raise ValueError(f"scoring.judge: expected self or checker, got {self.scoring.judge!r}")
-        return SelfScorer(self.pipeline, self._proposer(), self.scoring.scorer, self._instructions())
-
-    def _instructions(self) -> ScoringInstructions:
-        if self.scoring.instructions == "default":
-            return DEFAULT_INSTRUCTIONS
-        if self.scoring.instructions == "shapeworld":
-            from srum.shapeworld.tasks import SHAPEWORLD_INSTRUCTIONS
-
-            return SHAPEWORLD_INSTRUCTIONS
-        return read_instructions(self.scoring.instructions)
-
-    def _proposer(self):
-        options: dict[str, Any] = {"max_regions": self.scoring.max_regions}
-        if self.scoring.proposer == "sam":
-            options.update(model_dir=self.scoring.sam_dir, device=self.device)
-        return build_proposer(self.scoring.proposer, **options)
-
     def configure_optimizers(self):
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps,
@@ -269,24 +239,33 @@ class SRUMModule(L.LightningModule):
         return torch.Generator().manual_seed(self._seed(index, image, purpose))
 
     @torch.no_grad()
-    def rollout_and_score(self, prompts: list[Prompt], index: int) -> tuple[StepSamples, dict[str, float]]:
-        """K candidates per prompt drawn and judged by the current model; returns them and timing."""
+    def rollout_and_score(self, prompts: list[Prompt], index: int) -> tuple[Candidates, dict[str, float]]:
+        """K candidates per prompt (adjacent) drawn and judged; returns them and timing."""
         self.model.eval()
         k = self.rollout.images_per_prompt
         texts = [p.text for p in prompts for _ in range(k)]
         self._images_per_rank = len(texts)
         seeds = [self._seed(index, image, purpose=0) for image in range(len(texts))]
         start = time.perf_counter()
-        decoding = DecodingConfig(max_new_tokens=self.rollout.max_think_tokens) if self.rollout.think else None
-        generated = self.pipeline.generate(texts, seeds, self.rollout.sampler, self.rollout.height,
-                                           self.rollout.width, self.rollout.think, decoding)
+        generated = self._draw(texts, seeds)
         middle = time.perf_counter()
         names = [f"{index}_{i}.png" for i in range(len(texts))]
         records = self.scorer.score(generated.images, texts, names)
         end = time.perf_counter()
-        samples = StepSamples(texts, [latent.to(self.device) for latent in generated.latents],
-                              self.reward_maps(records), records)
-        return samples, {"rollout": middle - start, "scoring": end - middle}
+        candidates = Candidates(texts, [latent.to(self.device) for latent in generated.latents],
+                                self.reward_maps(records), records, k, generated.trajectory)
+        return candidates, {"rollout": middle - start, "scoring": end - middle}
+
+    def _draw(self, texts: list[str], seeds: list[int]) -> GeneratedImages:
+        if self.rollout.source == "ground_truth":
+            from srum.shapeworld.world import ground_truth_image
+
+            images = [ground_truth_image(text, seed) for text, seed in zip(texts, seeds, strict=True)]
+            pixels = torch.stack([from_uint8_image(image) for image in images]).to(self.device)
+            return GeneratedImages(images, list(self.autoencoder.encode(pixels, sample=False)))
+        decoding = DecodingConfig(max_new_tokens=self.rollout.max_think_tokens) if self.rollout.think else None
+        return self.pipeline.generate(texts, seeds, self.rollout.sampler, self.rollout.height, self.rollout.width,
+                                      self.rollout.think, decoding, noise_level=self.objective.noise_level)
 
     def reward_maps(self, records: list[RewardRecord]) -> list[Tensor]:
         """Per image a map at its token grid (so the loss's bilinear sampling is the identity)."""
@@ -298,7 +277,7 @@ class SRUMModule(L.LightningModule):
                 in zip(rewards.split([rows * cols for rows, cols in grids]), grids, strict=True)]
 
     @torch.no_grad()
-    def offline_samples(self, records: list[RewardRecord], index: int) -> StepSamples:
+    def offline_samples(self, records: list[RewardRecord], index: int) -> Candidates:
         """Records' images encoded by the autoencoder (a posterior sample, as officially). The good image is
         the scored one in all official data, so it is encoded once and reused."""
         folder = self.trainer.datamodule.image_dir
@@ -308,52 +287,20 @@ class SRUMModule(L.LightningModule):
             image = from_uint8_image(read_image(Path(folder) / record.image_file))
             generator = self._generator(index, position, purpose=1)
             latents.append(self.autoencoder.encode(image[None].to(self.device), generator=generator)[0])
-        return StepSamples([r.prompt for r in records], latents, self.reward_maps(records), records)
+        return Candidates([r.prompt for r in records], latents, self.reward_maps(records), records)
 
-    # -------------------------------------------------------------------------------------------------- loss
-
-    def compute_loss(self, samples: StepSamples, index: int, update: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """The constrained dense-reward loss of one update on ``samples`` (timesteps, text dropout and noise
-        seeded by the batch index and the update number)."""
-        generators = [self._generator(index, image, 2 + update) for image in range(len(samples.latents))]
-        timesteps = [float(logit_normal_timesteps(1, self.timestep_shift, g)) for g in generators]
-        dropped = [bool(torch.rand((), generator=g) < self.text_dropout) for g in generators]
-        items = [[*([] if drop else [Text(self.tokenizer.encode(prompt, add_special_tokens=False))]),
-                  VaeImage(latent.float(), timestep=t)]
-                 for prompt, latent, t, drop in zip(samples.prompts, samples.latents, timesteps, dropped, strict=True)]
-        batch = pack(items, self.model.config, self.special).to(self.device)
-        channels = self.model.config.latent_channels
-        noise = torch.cat([torch.randn(rows * cols, channels, generator=g)
-                           for (rows, cols), g in zip(batch.latent_grids, generators, strict=True)]).to(self.device)
-        self.model.train()
-        out = self.model(batch, noise=noise)
-        maps = [torch.ones_like(m) if drop and not self.reward_dropped_text else m
-                for m, drop in zip(samples.reward_maps, dropped, strict=True)]
-        constraint = self._constraint_target(batch, noise, out.target_velocity)
-        mean_tokens = self._mean_tokens(out.velocity.shape[0])
-        loss = dense_reward_flow_loss(out.velocity, out.target_velocity, constraint, maps, list(batch.latent_grids),
-                                      self.loss_config, num_tokens=mean_tokens, impl=self.loss_impl)
-        with torch.no_grad():
-            terms = {"reward_term": dense_reward_flow_loss(
-                out.velocity, out.target_velocity, None, maps, list(batch.latent_grids),
-                LossConfig(constraint="none", signed=self.loss_config.signed, margin=self.loss_config.margin),
-                num_tokens=mean_tokens)}
-            terms["constraint_term"] = loss.detach() - terms["reward_term"]
-        return loss, terms
+    def policy(self, index: int) -> Policy:
+        """The model as the objective of batch ``index`` sees it."""
+        return Policy(self.model, getattr(self, "reference", None),
+                      lambda text: self.tokenizer.encode(text, add_special_tokens=False), self.special, self.device,
+                      lambda image, purpose: self._generator(index, image, purpose), self._mean_tokens,
+                      self.loss_impl)
 
     def _mean_tokens(self, count: int) -> Tensor:
         """The loss normaliser: the mean token count per rank. Each rank's sum over its tokens divided by it,
         averaged over ranks by the gradient reduction, weighs every token of the global batch equally."""
         tokens = torch.tensor(float(count), device=self.device)
         return tokens if self._trainer is None else self.trainer.strategy.reduce(tokens, reduce_op="mean")
-
-    def _constraint_target(self, batch, noise: Tensor, target: Tensor) -> Tensor | None:
-        if self.loss_config.constraint == "none":
-            return None
-        if self.loss_config.constraint == "sample":
-            return target  # good = bad: the sampled image's own flow target
-        with torch.no_grad():
-            return self.reference(batch, noise=noise).velocity
 
     # -------------------------------------------------------------------------------------------------- steps
 
@@ -372,13 +319,14 @@ class SRUMModule(L.LightningModule):
             timing["encode"] = time.perf_counter() - start
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         start = time.perf_counter()
+        policy = self.policy(index)
         for update in range(self.rollout.updates_per_rollout if self.mode == "online" else 1):
-            loss, terms = self.compute_loss(samples, index, update)
+            optimizer.zero_grad(set_to_none=False)
+            loss, terms = self.objective.step(policy, samples, update, self.manual_backward)
             if not bool(torch.isfinite(loss)):
+                optimizer.zero_grad(set_to_none=False)
                 self._skip(f"non-finite loss {float(loss)} at batch {index}")
                 continue
-            optimizer.zero_grad(set_to_none=False)
-            self.manual_backward(loss)
             trained = [p for p in self.model.parameters() if p.requires_grad]
             for parameter in trained:
                 # Weights off the loss's path (lm_head, say) get a zero gradient rather than none, so every
@@ -411,7 +359,7 @@ class SRUMModule(L.LightningModule):
         pairs = [(self.ema[name.replace(".", "/")], p) for name, p in self.model.named_parameters() if p.requires_grad]
         torch._foreach_lerp_([a for a, _ in pairs], [p for _, p in pairs], 1.0 - self.ema_decay)
 
-    def _log_step(self, samples: StepSamples, timing: dict[str, float]) -> None:
+    def _log_step(self, samples: Candidates, timing: dict[str, float]) -> None:
         rewards = torch.cat([m.flatten() for m in samples.reward_maps])
         kind = self.scoring.score_kind
         globals_ = [r.global_scores.get(kind) for r in samples.records]
@@ -432,7 +380,7 @@ class SRUMModule(L.LightningModule):
         self.log_dict({k: float(v) for k, v in metrics.items()}, batch_size=len(samples.latents))
         self.last_samples = samples
 
-    def _evaluate(self, prompts: list[Prompt], batch_idx: int, stage: str) -> StepSamples:
+    def _evaluate(self, prompts: list[Prompt], batch_idx: int, stage: str) -> Candidates:
         """Self-reward of fresh rollouts (global score and mean token reward), seeded per batch."""
         samples, _ = self.rollout_and_score(prompts, 10**9 + batch_idx)
         kind = self.scoring.score_kind
