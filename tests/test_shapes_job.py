@@ -194,6 +194,13 @@ def test_summarize_gives_mean_and_spread_over_runs(tmp_path, capsys):
         paths[-1].write_text(json.dumps(report))
     main(["shapeworld", "summarize", "--arms", json.dumps({"srum": [str(p) for p in paths]})])
     assert "+5.0 +- 1.4" in capsys.readouterr().out
+    arms = {"srum": [str(p) for p in paths], "ceiling": [str(paths[1])] * 2}  # ceiling gains 6.0 twice
+    main(["shapeworld", "summarize", "--arms", json.dumps(arms), "--ceiling", "ceiling", "--paired_with", "ceiling"])
+    printed = capsys.readouterr().out
+    assert "83 %" in printed  # overall: 5.0 / 6.0 of the ceiling's gain
+    assert "-1.0 +- 1.4" in printed  # (4 - 6, 6 - 6) paired by position
+    with pytest.raises(SystemExit, match=r"nothing: expected the name of an arm"):
+        main(["shapeworld", "summarize", "--arms", json.dumps(arms), "--ceiling", "nothing"])
     (tmp_path / "bad.json").write_text(json.dumps({"models": {}}))
     with pytest.raises(SystemExit, match=r"bad.json: field 'difference' missing"):
         main(["shapeworld", "summarize", "--arms", json.dumps({"srum": [str(tmp_path / "bad.json")]})])

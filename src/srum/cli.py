@@ -224,12 +224,15 @@ def export(ckpt: Path, out: Path, weights: Literal["model", "ema"] = "model", ba
     log.info("exported %s to %s", ckpt, out)
 
 
-def shapeworld_summarize(arms: dict[str, list[Path]]) -> None:
+def shapeworld_summarize(arms: dict[str, list[Path]], ceiling: str | None = None,
+                         paired_with: str | None = None) -> None:
     """Tabulate ShapeWorld reports of several runs: each arm's SRUM - base difference, mean +- std over its runs.
 
     Args:
         arms: arm name -> ``report.json`` files of its runs (e.g. one per seed), as JSON:
             ``--arms '{"srum": ["runs/s0/report/report.json", ...], "uniform": [...]}'``.
+        ceiling: the arm of perfect supervision: gains also shown as a share of its gain.
+        paired_with: a control arm: each arm's run-by-run (seed-paired) difference from it.
     """
     from srum.shapeworld.report import summarize
 
@@ -248,7 +251,7 @@ def shapeworld_summarize(arms: dict[str, list[Path]]) -> None:
             if "difference" not in report:
                 raise ValueError(f"{path}: field 'difference' missing: expected the report of a srum fit run")
             loaded[arm].append(report)
-    Console().print(summarize(loaded))
+    Console().print(summarize(loaded, ceiling, paired_with))
 
 
 def shapeworld_curves(arms: dict[str, list[Path]], out: Path) -> None:

@@ -3,8 +3,9 @@
 The ODE step ``x <- x - v (t - t_next)`` has no density. Adding noise with a matched drift keeps the marginals of
 the flow (x_t = (1 - t) x0 + t eps, v = eps - x0) and makes ``x_next | x_t`` Gaussian:
 
-    sigma_t = a sqrt(t / (1 - t))                        (a: the noise level; at t = 1 the denominator is taken at
-                                                          the next grid point, as t = 1 has no finite sigma)
+    sigma_t = a sqrt(t / (1 - t))                        (a: the noise level; at the grid's first point t = 1 the
+                                                          denominator is taken at the next point, as t = 1 has no
+                                                          finite sigma)
     mean    = x_t + dt [v + sigma_t^2 / (2 t) (x_t + (1 - t) v)]      with dt = t_next - t < 0
     std     = sigma_t sqrt(-dt)
 
@@ -19,10 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+FIRST_POINT_TOLERANCE = 1e-3
+"""A step from within this of t = 1 starts at the grid's first point (a shifted float32 grid may round it below 1)."""
+
 
 def step_sigma(t: float, t_next: float, noise_level: float) -> float:
-    """sigma_t of the step from t to t_next (t = 1 uses t_next in the denominator)."""
-    denominator = 1.0 - (t_next if t >= 1.0 else t)
+    """sigma_t of the step from t to t_next (the first point, t = 1, uses t_next in the denominator)."""
+    denominator = 1.0 - (t_next if 1.0 - t < FIRST_POINT_TOLERANCE else t)
     return noise_level * math.sqrt(t / denominator)
 
 

@@ -28,9 +28,12 @@ class GroupAdvantages:
 
 
 def _standardise(values: Tensor, scale: bool, eps: float) -> Tensor:
-    """values (G, K, ...) centred over K, divided by the std over K (population) plus eps when ``scale``."""
+    """values (G, K, ...) centred over K, divided by the std over K (population) plus eps when ``scale``; exactly 0
+    where the K values are equal (a rounded mean would leave a residue that eps then magnifies)."""
     centred = values - values.mean(1, keepdim=True)
-    return centred / (values.std(1, unbiased=False, keepdim=True) + eps) if scale else centred
+    standardised = centred / (values.std(1, unbiased=False, keepdim=True) + eps) if scale else centred
+    alike = (values == values[:, :1]).all(1, keepdim=True)
+    return standardised.masked_fill(alike, 0.0)
 
 
 def group_advantages(reward_maps: list[Tensor], group_size: int, credit: str = "dense", scale: bool = True,

@@ -61,6 +61,9 @@ class PolicyGradient:
         advantages = group_advantages(candidates.reward_maps, candidates.group_size, config.credit,
                                       config.scale_advantages, config.advantage_eps)
         token_advantages = torch.cat([a.flatten() for a in advantages.tokens]).float().to(policy.device)
+        if token_advantages.numel() != trajectory.states.shape[1]:
+            raise ValueError(f"reward_maps: expected maps at the token grid ({trajectory.states.shape[1]} tokens in "
+                             f"all), got {token_advantages.numel()} values")
         steps = self._steps(policy, len(trajectory.times), update)
         normaliser = policy.mean_tokens(token_advantages.numel()) * len(steps)
         prompts = [policy.encode(prompt) for prompt in candidates.prompts]

@@ -95,21 +95,48 @@ def grid(panels: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[st
     return out
 
 
-def summarize(reports: dict[str, list[dict]]) -> Table:
+def _cell(values: torch.Tensor) -> str:
+    spread = f" +- {float(values.std()):.1f}" if len(values) > 1 else ""  # one run has no spread
+    return f"{float(values.mean()):+.1f}{spread}"
+
+
+def _differences(runs: list[dict], metric: str) -> torch.Tensor:
+    return torch.tensor([run["difference"][metric] for run in runs], dtype=torch.float64)
+
+
+def summarize(reports: dict[str, list[dict]], ceiling: str | None = None, paired_with: str | None = None) -> Table:
     """Mean +- standard deviation over runs (seeds) of each arm's ``srum - base`` difference: ``reports`` maps an
-    arm's name to its runs' ``report.json`` contents."""
+    arm's name to its runs' ``report.json`` contents.
+
+    ``ceiling`` names the arm of perfect supervision: each arm's mean pass-rate and overall gains are then also
+    given as a share of its. ``paired_with`` names a control arm: each arm's differences from it, run by run (runs
+    are paired by position, i.e. by seed), mean +- std."""
+    for name in (ceiling, paired_with):
+        if name is not None and name not in reports:
+            raise ValueError(f"{name}: expected the name of an arm ({', '.join(reports)})")
     table = Table(title="ShapeWorld: SRUM - base, mean +- std over runs")
     table.add_column("metric")
     for arm, runs in reports.items():
         table.add_column(f"{arm} (n={len(runs)})", justify="right")
     metrics = [name for name, _ in rows(next(iter(reports.values()))[0]["models"])]
     for metric in metrics:
-        cells = []
-        for runs in reports.values():
-            values = torch.tensor([run["difference"][metric] for run in runs], dtype=torch.float64)
-            spread = f" +- {float(values.std()):.1f}" if len(values) > 1 else ""  # one run has no spread
-            cells.append(f"{float(values.mean()):+.1f}{spread}")
-        table.add_row(metric, *cells)
+        table.add_row(metric, *[_cell(_differences(runs, metric)) for runs in reports.values()])
+    if ceiling is not None:
+        for metric in ("pass rate %", "overall"):
+            top = float(_differences(reports[ceiling], metric).mean())
+            table.add_row(f"{metric}: share of {ceiling}'s gain",
+                          *[f"{100 * float(_differences(runs, metric).mean()) / top:.0f} %" if top > 0
+                            else f"n/a ({ceiling} gained {top:+.1f})" for runs in reports.values()])
+    if paired_with is not None:
+        control = reports[paired_with]
+        for metric in ("pass rate %", "overall"):
+            cells = []
+            for runs in reports.values():
+                if len(runs) != len(control):
+                    raise ValueError(f"paired_with {paired_with}: expected as many runs as each arm ({len(control)}), "
+                                     f"got {len(runs)}")
+                cells.append(_cell(_differences(runs, metric) - _differences(control, metric)))
+            table.add_row(f"{metric}: paired - {paired_with}", *cells)
     return table
 
 
