@@ -71,6 +71,7 @@ def test_learning_curve_in_a_fit_measures_steps_0_2_3_and_restores_the_model(bas
             hook.remove()
 
     assert [p["step"] for p in curve.points] == [0, 2, 3]
+    assert list(curve.table().columns[0].cells) == ["0", "2", "3"]  # the table printed at the end of the fit
     assert modes_in_measurement == {False}  # measured in eval mode ...
     assert module.modes_in_steps == [True, True, True]  # ... and trained in train mode between measurements
     assert base.model.training  # the mode it had when the fit ended

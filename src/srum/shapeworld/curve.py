@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from rich.console import Console
+from rich.table import Table
 
 from srum.io.atomic import atomic_write
 from srum.io.jsonl import write_json
@@ -110,6 +112,17 @@ class LearningCurve(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if not self._measured(trainer.global_step):
             self._measure(trainer, pl_module)
+        if trainer.is_global_zero:
+            Console().print(self.table())
+
+    def table(self) -> Table:
+        """The curve as a terminal table (beside the benchmark's base-vs-tuned table at the end of a fit)."""
+        table = Table(title=f"Learning curve ({self.split} split, {self.prompts} prompts)")
+        for header in ("step", "pass rate %", "overall"):
+            table.add_column(header, justify="right")
+        for point in self.points:
+            table.add_row(str(point["step"]), f"{100 * point['pass_rate']:.1f}", f"{point['overall']:.1f}")
+        return table
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.settings(), "points": list(self.points)}
