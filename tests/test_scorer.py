@@ -115,3 +115,14 @@ def test_instructions_file_replaces_templates(tmp_path):
     path.write_text("global_template: 'no prompt field here'\n")
     with pytest.raises(ValueError, match=r"instructions.yaml: .*global_template"):
         read_instructions(path)
+
+
+def test_score_command_with_the_whole_image_proposer(checkpoint, tmp_path):
+    """The CLI passes --max_regions to every proposer; the whole-image one takes it and keeps one region."""
+    rollouts = _rollouts(checkpoint, tmp_path)
+    out = tmp_path / "scores.jsonl"
+    main(["score", "--checkpoint", str(checkpoint), "--rollouts", str(rollouts), "--out", str(out),
+          "--proposer", "whole", "--max_regions", "10", "--method", "expected", "--device", "cpu"])
+    records = load_records(out, image_dir=rollouts).records
+    assert [len(r.regions) for r in records] == [1, 1]
+    assert records[0].regions[0].box == (0.0, 0.0, 1.0, 1.0) and records[0].scorer["proposer"] == "WholeImageProposer"

@@ -91,10 +91,12 @@ class RegionProposer(ABC):
 
 
 class WholeImageProposer(RegionProposer):
-    """The whole image as its only region: region scoring degenerates to one global question."""
+    """The whole image as its only region: region scoring degenerates to one global question. ``max_regions``
+    is taken (and checked) like every proposer's, so one set of options builds any of them; one region is kept
+    whatever it is."""
 
-    def __init__(self):
-        super().__init__(max_regions=1)
+    def __init__(self, max_regions: int = 1):
+        super().__init__(max_regions)
 
     def propose(self, image: Tensor) -> list[Region]:
         height, width = _check_image(image)
