@@ -263,3 +263,20 @@ def test_scoring_instructions_are_chosen_by_config(tiny, tmp_path):
     module = SRUMModule(tiny["checkpoint"], scoring=ScoringConfig(instructions=str(path)))
     module.configure_model()
     assert module.scorer.instructions.sample_instruction("a cat") == "Rate the picture of a cat."
+
+
+@pytest.mark.parametrize(("build", "field"), [
+    (lambda: OptimConfig(grad_clip=-1.0), "optim"),
+    (lambda: OptimConfig(warmup_steps=-5), "optim"),
+    (lambda: OptimConfig(lr=0.0), "optim"),
+    (lambda: SamplerConfig(cfg_interval=(1.0, 0.4)), "cfg_interval"),
+    (lambda: RolloutConfig(images_per_prompt=0), "rollout"),
+])
+def test_settings_that_would_train_the_wrong_way_are_refused(build, field):
+    with pytest.raises(ValueError, match=field):
+        build()
+
+
+def test_an_ema_decay_above_one_is_refused(tiny):
+    with pytest.raises(ValueError, match=r"ema_decay: expected a decay in \[0, 1\)"):
+        SRUMModule(tiny["checkpoint"], ema_decay=1.5)

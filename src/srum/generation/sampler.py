@@ -44,6 +44,9 @@ class SamplerConfig:
         if self.cfg_renorm_type not in ("global", "channel", "text_channel"):
             raise ValueError(f"cfg_renorm_type: expected global, channel or text_channel, got {self.cfg_renorm_type!r}")
         object.__setattr__(self, "cfg_interval", tuple(self.cfg_interval))
+        low, high = self.cfg_interval
+        if not 0 <= low < high:  # a reversed interval would switch guidance off without a word
+            raise ValueError(f"cfg_interval: expected [low, high] with 0 <= low < high, got {list(self.cfg_interval)}")
 
     def timesteps(self) -> Tensor:
         """The shifted grid (T,), from 1 down to 0; step k integrates from ``t[k]`` to ``t[k + 1]``."""

@@ -89,6 +89,14 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
 
+    def __post_init__(self) -> None:
+        """Settings that would silently train the wrong way are refused (a negative clip flips every gradient)."""
+        beta1, beta2 = self.betas
+        if not (self.lr > 0 and self.grad_clip > 0 and self.eps > 0 and self.weight_decay >= 0
+                and self.warmup_steps >= 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ValueError(f"optim: expected lr > 0, grad_clip > 0, eps > 0, weight_decay >= 0, warmup_steps >= 0 "
+                             f"and betas in [0, 1); got {self}")
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -146,6 +154,8 @@ class SRUMModule(L.LightningModule):
             raise ValueError(f"mode: expected online or offline, got {mode!r}")
         if not 0 <= text_dropout < 1:
             raise ValueError(f"text_dropout: expected a probability in [0, 1), got {text_dropout}")
+        if ema_decay is not None and not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay: expected a decay in [0, 1) (or none), got {ema_decay}")
         self.checkpoint, self.mode, self.trainable = Path(checkpoint), mode, trainable
         self.loss_config, self.map_config = loss, reward_map
         self.rollout, self.scoring, self.optim = rollout, scoring, optim
