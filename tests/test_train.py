@@ -90,6 +90,36 @@ def test_compbench_config_prints_and_runs_two_tiny_steps(tiny, capsys):
     assert metrics[1]["train/loss"] != metrics[0]["train/loss"]
 
 
+def test_a_run_that_can_no_longer_train_stops_with_a_clear_error(tiny, tmp_path, monkeypatch):
+    module = SRUMModule(tiny["checkpoint"], rollout=RolloutConfig(height=16, width=24,
+                                                                  sampler=SamplerConfig(num_timesteps=3)),
+                        optim=OptimConfig(warmup_steps=1), max_skips_in_a_row=3)
+    original = module.objective.step
+
+    def always_nan(policy, samples, update, backward):
+        loss, terms = original(policy, samples, update, backward)
+        return loss * float("nan"), terms
+
+    monkeypatch.setattr(module.objective, "step", always_nan)
+    trainer = L.Trainer(max_steps=100, accelerator="cpu", default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="max_skips_in_a_row: 3 steps in a row had a non-finite loss"):
+        trainer.fit(module, SRUMDataModule(prompts=tiny["prompts"], batch_size=2))
+    assert module.skipped_steps == 3 and trainer.global_step == 0
+
+
+def test_non_finite_weights_are_refused_at_load_with_the_tensor_named(tiny, tmp_path):
+    from srum.model.checkpoint import CheckpointError
+
+    folder = tmp_path / "nan"
+    main(["model", "init", "--preset", "tiny", "--out", str(folder), "--seed", "0"])
+    weights = load_file(folder / "ema.safetensors")
+    weights["llm2vae.bias"][0] = float("nan")
+    save_file(weights, folder / "ema.safetensors")
+    with pytest.raises(CheckpointError, match=r"ema.safetensors: llm2vae.bias: expected finite weights"):
+        load_checkpoint(folder)
+
+
 def test_reward_maps_reach_the_loss(tiny):
     module = SRUMModule(tiny["checkpoint"], text_dropout=0.0)
     module.configure_model()

@@ -116,7 +116,14 @@ def _read_state(path: Path, expected: Mapping[str, torch.Size], optional: tuple[
                     (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
         if problems:
             raise CheckpointError(f"{path}: does not match the model: {'; '.join(problems)}")
-        return {name: file.get_tensor(name).to(dtype) for name in expected if name in names and name not in optional}
+        state = {}
+        for name in expected:
+            if name in names and name not in optional:
+                tensor = file.get_tensor(name)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise CheckpointError(f"{path}: {name}: expected finite weights, found NaN or infinity")
+                state[name] = tensor.to(dtype)
+        return state
 
 
 def _load_module(build: Callable[[], nn.Module], path: Path, dtype: torch.dtype, device: torch.device | str,

@@ -139,6 +139,8 @@ class SRUMModule(L.LightningModule):
         lora: train low-rank adapters instead of the weights (None: off).
         loss_impl: loss implementation: auto (Triton on GPU, vectorised PyTorch on CPU), triton, torch, reference.
         activation_checkpointing: recompute each decoder layer in backward (with the FSDP2 strategy).
+        max_skips_in_a_row: stop with an error after this many consecutive non-finite steps (a run that can no
+            longer train would otherwise skip forever).
         seed: seed of everything random in a step, with the batch index and rank.
     """
 
@@ -148,7 +150,7 @@ class SRUMModule(L.LightningModule):
                  scoring: ScoringConfig = ScoringConfig(), optim: OptimConfig = OptimConfig(),
                  text_dropout: float = 0.1, timestep_shift: float = 1.0, reward_dropped_text: bool = True,
                  ema_decay: float | None = None, lora: LoraConfig | None = None, loss_impl: Impl = "auto",
-                 activation_checkpointing: bool = False, seed: int = 0) -> None:
+                 activation_checkpointing: bool = False, max_skips_in_a_row: int = 5, seed: int = 0) -> None:
         super().__init__()
         if mode not in ("online", "offline"):
             raise ValueError(f"mode: expected online or offline, got {mode!r}")
@@ -177,7 +179,10 @@ class SRUMModule(L.LightningModule):
                              "own steps; expected rollout.sampler.cfg_text_scale 1, think off and source model")
         self.automatic_optimization = False
         self.model: Bagel | None = None
-        self.skipped_steps = 0
+        if max_skips_in_a_row < 1:
+            raise ValueError(f"max_skips_in_a_row: expected >= 1, got {max_skips_in_a_row}")
+        self.max_skips_in_a_row = max_skips_in_a_row
+        self.skipped_steps = self._skipped_in_a_row = 0
         self._images_per_rank = 0
 
     # ----------------------------------------------------------------------------------------------- building
@@ -352,6 +357,7 @@ class SRUMModule(L.LightningModule):
                 continue
             optimizer.step()
             scheduler.step()
+            self._skipped_in_a_row = 0
             self._update_ema()
             self.log_dict({"train/loss": loss.detach(), "train/grad_norm": norm.detach(),
                            **{f"train/{k}": v for k, v in terms.items()}}, sync_dist=True)
@@ -360,7 +366,12 @@ class SRUMModule(L.LightningModule):
 
     def _skip(self, reason: str) -> None:
         self.skipped_steps += 1
+        self._skipped_in_a_row += 1
         log.warning("skipped a step: %s (%d skipped so far)", reason, self.skipped_steps)
+        if self._skipped_in_a_row >= self.max_skips_in_a_row:
+            raise RuntimeError(f"max_skips_in_a_row: {self._skipped_in_a_row} steps in a row had a non-finite loss or "
+                               f"gradient (last: {reason}); expected training to recover. Lower optim.lr, check the "
+                               f"weights and reward maps, or raise max_skips_in_a_row")
 
     @torch.no_grad()
     def _update_ema(self) -> None:
