@@ -169,7 +169,10 @@ def test_scheduled_batches_split_the_global_batch_over_ranks():
 @pytest.mark.slow
 def test_killed_run_resumes_exactly(tiny):
     uninterrupted, killed = tiny["root"] / "whole", tiny["root"] / "killed"
-    assert _run(_fit_args(tiny, uninterrupted, 4)).returncode == 0
+    first_run = _run(_fit_args(tiny, uninterrupted, 4))
+    assert first_run.returncode == 0
+    printed = first_run.stdout + first_run.stderr  # every line once, no warnings about what srum does on purpose
+    assert printed.count("Seed set to") == 1 and "module(s) in eval mode" not in printed, printed[-2000:]
     result = _run(_fit_args(tiny, killed, 4, "--trainer.callbacks+=tests.train_helpers.KillAtStep",
                             "--trainer.callbacks.step=2"))
     assert result.returncode == -9, result.stderr[-2000:]  # SIGKILL

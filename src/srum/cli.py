@@ -305,10 +305,22 @@ def _overview() -> str:
     return "\n".join(lines + [f"  {name.ljust(width)}  {text}" for name, text in entries.items()])
 
 
+def _show_logs() -> None:
+    """srum's own log lines, once each, as plain text. The root logger is left alone: Lightning prints its lines
+    through its own handler, and a root handler would print each of them a second time."""
+    logger = logging.getLogger("srum")
+    logger.setLevel(logging.INFO)
+    if not any(getattr(handler, "srum", False) for handler in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.srum = True
+        logger.addHandler(handler)
+
+
 def main(args: list[str] | None = None) -> None:
     explicit = args is not None
     args = list(args) if explicit else sys.argv[1:]
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _show_logs()
     if not args or args[0] in ("-h", "--help"):
         print(_overview())  # noqa: T201 - the program's own help text
         return

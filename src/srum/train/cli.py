@@ -3,6 +3,8 @@ LightningCLI, configured by YAML files in ``configs/``."""
 
 from __future__ import annotations
 
+import warnings
+
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
@@ -29,8 +31,20 @@ class SRUMCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+EXPECTED_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",  # the frozen reference and autoencoder are in eval mode on purpose
+    r"You have overridden `transfer_batch_to_device`",  # batches are prompts or records, no tensors to move
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning
+    r"Starting from v1\.9\.0, `tensorboardX` has been removed",  # the CSV logger is the default on purpose
+    r"Using ModelCheckpoint with manual optimization",  # the step's state is saved whole; resume is exact (tested)
+)
+"""Lightning warnings about what srum does deliberately: silenced so that what is left is worth reading."""
+
+
 def run_lightning(args: list[str] | None) -> LightningCLI:
     """LightningCLI over ``args`` (None: the command line)."""
+    for message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     return SRUMCLI(SRUMModule, SRUMDataModule, args=args, save_config_kwargs={"overwrite": True},
                    parser_kwargs={"prog": "srum"})
 
