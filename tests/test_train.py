@@ -4,6 +4,7 @@ non-finite steps are skipped, a killed run resumes exactly, FSDP2 on 2 ranks equ
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -85,7 +86,8 @@ def test_compbench_config_prints_and_runs_two_tiny_steps(tiny, capsys):
     assert sorted(metrics) == [0, 1]
     for step in metrics.values():
         for name in ("train/loss", "train/reward_term", "train/constraint_term", "train/reward_mean",
-                     "time/rollout_share", "time/scoring_share", "time/update_share", "train/images_per_second"):
+                     "time/rollout_share", "time/scoring_share", "time/update_share", "train/images_per_second",
+                     "train/dropped_regions", "train/clamped_scores"):
             assert math.isfinite(step[name]), name
     assert metrics[1]["train/loss"] != metrics[0]["train/loss"]
 
@@ -242,6 +244,10 @@ def test_offline_fit_on_generated_and_scored_records(tiny, tmp_path):
           str(rollouts), "--steps", "3", "--height", "16", "--width", "24", "--device", "cpu"])
     main(["score", "--checkpoint", str(tiny["checkpoint"]), "--rollouts", str(rollouts), "--out", str(records),
           "--proposer", "grid", "--method", "expected", "--device", "cpu"])
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    lines[0]["regions"][0]["scores"]["expected"] = 1.5  # clamped to 1 and counted
+    lines[1]["regions"].append({"box": [0.9, 0.9, 0.1, 0.1], "object": "x", "scores": {"expected": 0.5}})  # dropped
+    records.write_text("".join(json.dumps(line) + "\n" for line in lines))
     root = tmp_path / "run"
     args = _fit_args(tiny, root, 2, "--model.mode", "offline", "--model.trainable", "generation",
                      "--model.scoring.score_kind", "expected", "--data.records", str(records), "--data.image_dir",
@@ -250,6 +256,8 @@ def test_offline_fit_on_generated_and_scored_records(tiny, tmp_path):
     metrics = _metrics(root)
     assert sorted(metrics) == [0, 1] and all(math.isfinite(m["train/loss"]) for m in metrics.values())
     assert metrics[0]["train/regions_per_image"] == 4  # the grid proposer's 2 x 2 regions reached the step
+    for name in ("train/clamped_scores", "train/dropped_regions"):  # each of the 4 records is seen once in 2 steps
+        assert sum(m[name] for m in metrics.values()) == 1, name
     checkpoint = next((root / "lightning_logs" / "version_0" / "checkpoints").glob("*step=2.ckpt"))
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
     start = load_checkpoint(tiny["checkpoint"]).model.state_dict()

@@ -390,6 +390,8 @@ class SRUMModule(L.LightningModule):
                    else rewards.new_zeros(()), "train/skipped_steps": float(self.skipped_steps),
                    "train/score_failures": float(sum(g is None for g in globals_) + sum(s is None for s in regions)),
                    "train/regions_per_image": len(regions) / max(len(samples.records), 1),
+                   "train/dropped_regions": float(sum(len(r.dropped) for r in samples.records)),
+                   "train/clamped_scores": float(sum(r.clamped for r in samples.records)),
                    "train/images_per_second": len(samples.latents) / total}
         known = [g for g in globals_ if g is not None]
         if known:
