@@ -126,3 +126,10 @@ def test_score_command_with_the_whole_image_proposer(checkpoint, tmp_path):
     records = load_records(out, image_dir=rollouts).records
     assert [len(r.regions) for r in records] == [1, 1]
     assert records[0].regions[0].box == (0.0, 0.0, 1.0, 1.0) and records[0].scorer["proposer"] == "WholeImageProposer"
+
+
+def test_score_command_refuses_a_missing_rollouts_folder(checkpoint, tmp_path):
+    with pytest.raises(SystemExit, match=r"nothing: expected a folder written by srum generate \(with records.jsonl\)"):
+        main(["score", "--checkpoint", str(checkpoint), "--rollouts", str(tmp_path / "nothing"), "--out",
+              str(tmp_path / "scores.jsonl"), "--device", "cpu"])
+    assert not (tmp_path / "scores.jsonl").exists()

@@ -116,6 +116,8 @@ def pending_images(folder: Path, done: set[str]) -> list[dict]:
     """The records of ``folder``'s images whose file name is not in ``done``, in order, for a later stage (scoring,
     judging) to resume; an image deleted since it was made is skipped with a warning."""
     records_path = folder / RECORDS
+    if not records_path.is_file():
+        raise ValueError(f"{folder}: expected a folder written by srum generate (with {RECORDS}), found none")
     todo = []
     for number, record in enumerate(read_image_records(records_path), start=1):
         if record["image_file"] in done:
