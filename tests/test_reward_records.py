@@ -163,3 +163,25 @@ def test_srum_format_round_trips_and_converts_to_official(tmp_path):
     assert official["vlm_rewards"][1]["bbox"] == [10, 13, 48, 48] and len(official["vlm_rewards"]) == 2
     (back,) = load_records(_write(tmp_path, official)).records
     assert back.global_scores.text == 0.25 and back.regions[0].scores.text == 0.8
+
+
+def test_offline_images_must_lie_in_their_folder_and_have_the_records_size(tmp_path):
+    from PIL import Image
+
+    from srum.reward.records import RewardRecord, Scores
+    from srum.reward.rollouts import read_record_image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (30, 20)).save(folder / "a.png")
+    Image.new("RGB", (30, 20)).save(tmp_path / "outside.png")
+
+    def record(name: str, width: int = 30, height: int = 20) -> RewardRecord:
+        return RewardRecord(image_file=name, good_image_file=name, prompt="p", width=width, height=height,
+                            global_scores=Scores(0.5, 0.5), regions=())
+
+    assert read_record_image(folder, record("a.png")).shape == (20, 30, 3)
+    with pytest.raises(ValueError, match=r"a.png: expected 40x20 pixels as its record says, got 30x20"):
+        read_record_image(folder, record("a.png", width=40))
+    with pytest.raises(ValueError, match=r"\.\./outside.png: image_file: expected a path inside"):
+        read_record_image(folder, record("../outside.png"))

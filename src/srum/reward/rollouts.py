@@ -14,7 +14,7 @@ from PIL import Image
 
 from srum.generation.writer import pending_images
 from srum.io.jsonl import repair_torn_tail
-from srum.reward.records import append_record, load_records
+from srum.reward.records import RewardRecord, append_record, load_records
 from srum.reward.scorer import SelfScorer
 
 log = logging.getLogger(__name__)
@@ -42,3 +42,16 @@ def score_rollouts(scorer: SelfScorer, rollouts: Path, out: Path, batch_size: in
             append_record(out, record)
         log.info("%d / %d", min(start + batch_size, len(todo)), len(todo))
     return len(todo)
+
+
+def read_record_image(folder: Path, record: RewardRecord) -> torch.Tensor:
+    """A record's image, refused unless it lies inside ``folder`` and has the size the record's map was made for
+    (a map painted for another size would be trained against the wrong pixels)."""
+    path = (folder / record.image_file).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise ValueError(f"{record.image_file}: image_file: expected a path inside {folder}, got one outside it")
+    image = read_image(path)
+    if tuple(image.shape[:2]) != (record.height, record.width):
+        raise ValueError(f"{path}: expected {record.width}x{record.height} pixels as its record says, got "
+                         f"{image.shape[1]}x{image.shape[0]}")
+    return image

@@ -39,7 +39,7 @@ from srum.objectives import Candidates, Policy, build_objective
 from srum.reward.judges import ScoringConfig, build_judge
 from srum.reward.maps import MapConfig, token_rewards
 from srum.reward.records import RewardRecord, scored_regions
-from srum.reward.rollouts import read_image
+from srum.reward.rollouts import read_record_image
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ class SRUMModule(L.LightningModule):
         self._images_per_rank = len(records)
         latents = []
         for position, record in enumerate(records):
-            image = from_uint8_image(read_image(Path(folder) / record.image_file))
+            image = from_uint8_image(read_record_image(Path(folder), record))
             generator = self._generator(index, position, purpose=1)
             latents.append(self.autoencoder.encode(image[None].to(self.device), generator=generator)[0])
         return Candidates([r.prompt for r in records], latents, self.reward_maps(records), records)
