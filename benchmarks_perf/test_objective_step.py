@@ -24,6 +24,7 @@ from srum.loss import LossConfig
 from srum.loss.config import PolicyGradientConfig
 from srum.reward.judges import ScoringConfig
 from srum.reward.maps import MapConfig
+from srum.reward.scorer import ScorerConfig
 from srum.shapeworld.world import prompts as shapeworld_prompts
 from srum.train.module import RolloutConfig, SRUMModule
 
@@ -66,8 +67,9 @@ def build(loss: LossConfig, judge: str) -> SRUMModule:
                         reward_map=MapConfig(rule="max_floor"),
                         rollout=RolloutConfig(images_per_prompt=CANDIDATES, height=36, width=36, sampler=sampler),
                         scoring=ScoringConfig(judge=judge, proposer="components", max_regions=9,
-                                              score_kind="expected", instructions="shapeworld"),
-                        text_dropout=0.1, timestep_shift=4.0, seed=0)
+                                              score_kind="expected", instructions="shapeworld",
+                                              scorer=ScorerConfig(method="expected", score_step=0.5)),
+                        text_dropout=0.1, timestep_shift=1.0, seed=0)
     module.configure_model()
     return module
 

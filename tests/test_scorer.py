@@ -133,3 +133,21 @@ def test_score_command_refuses_a_missing_rollouts_folder(checkpoint, tmp_path):
         main(["score", "--checkpoint", str(checkpoint), "--rollouts", str(tmp_path / "nothing"), "--out",
               str(tmp_path / "scores.jsonl"), "--device", "cpu"])
     assert not (tmp_path / "scores.jsonl").exists()
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(checkpoint, tmp_path):
+    from srum.io.lock import exclusive
+
+    rollouts = _rollouts(checkpoint, tmp_path)
+    out = tmp_path / "scores.jsonl"
+    command = ["score", "--checkpoint", str(checkpoint), "--rollouts", str(rollouts), "--out", str(out),
+               "--proposer", "grid", "--method", "expected", "--device", "cpu"]
+    with exclusive(out):  # what a running `srum score` holds
+        with pytest.raises(SystemExit, match=r"scores.jsonl: another srum run is writing it"):
+            main(command)
+        with exclusive(rollouts), pytest.raises(SystemExit, match="another srum run"):  # a running generate
+            main(["generate", "--checkpoint", str(checkpoint), "--prompts", str(tmp_path / "prompts.txt"),
+                  "--out", str(rollouts), "--steps", "3", "--height", "16", "--width", "24", "--device", "cpu"])
+    assert out.read_text() == ""  # nothing was written while the lock was held
+    main(command)  # released: the run goes ahead
+    assert len(out.read_text().splitlines()) == 2

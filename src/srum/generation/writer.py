@@ -23,6 +23,7 @@ from srum.generation.sampler import SamplerConfig
 from srum.generation.text import DecodingConfig
 from srum.io.atomic import atomic_write
 from srum.io.jsonl import append_jsonl, check_settings, read_jsonl, repair_torn_tail, rewrite_jsonl
+from srum.io.lock import exclusive
 
 log = logging.getLogger(__name__)
 RECORDS = "records.jsonl"
@@ -72,6 +73,14 @@ def generate_to_folder(pipeline: Pipeline, prompts: list[Prompt], out: Path, sam
 
     ``extra_settings`` (such as the checkpoint) are recorded and locked with the sampler settings."""
     out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        return _generate_missing(pipeline, prompts, out, sampler, images_per_prompt, seed, batch_size, height, width,
+                                 think, max_think_tokens, extra_settings)
+
+
+def _generate_missing(pipeline: Pipeline, prompts: list[Prompt], out: Path, sampler: SamplerConfig,
+                      images_per_prompt: int, seed: int, batch_size: int, height: int, width: int, think: bool,
+                      max_think_tokens: int, extra_settings: dict | None) -> int:
     records_path = out / RECORDS
     repair_torn_tail(records_path)
     records = read_image_records(records_path)
@@ -112,12 +121,18 @@ def generate_to_folder(pipeline: Pipeline, prompts: list[Prompt], out: Path, sam
     return len(todo)
 
 
+def generated_records(folder: Path) -> Path:
+    """The records file of a folder that ``srum generate`` wrote (a later stage reads it, never writes it)."""
+    path = folder / RECORDS
+    if not path.is_file():
+        raise ValueError(f"{folder}: expected a folder written by srum generate (with {RECORDS}), found none")
+    return path
+
+
 def pending_images(folder: Path, done: set[str]) -> list[dict]:
     """The records of ``folder``'s images whose file name is not in ``done``, in order, for a later stage (scoring,
     judging) to resume; an image deleted since it was made is skipped with a warning."""
-    records_path = folder / RECORDS
-    if not records_path.is_file():
-        raise ValueError(f"{folder}: expected a folder written by srum generate (with {RECORDS}), found none")
+    records_path = generated_records(folder)
     todo = []
     for number, record in enumerate(read_image_records(records_path), start=1):
         if record["image_file"] in done:

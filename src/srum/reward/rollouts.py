@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from srum.generation.writer import pending_images
+from srum.generation.writer import generated_records, pending_images
 from srum.io.jsonl import repair_torn_tail
+from srum.io.lock import exclusive
 from srum.reward.records import RewardRecord, append_record, load_records
 from srum.reward.scorer import SelfScorer
 
@@ -28,6 +29,13 @@ def read_image(path: Path) -> torch.Tensor:
 
 def score_rollouts(scorer: SelfScorer, rollouts: Path, out: Path, batch_size: int = 4) -> int:
     """Score what is missing in ``out``; returns the number of records written by this call."""
+    generated_records(rollouts)  # refused before anything is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        return _score_missing(scorer, rollouts, out, batch_size)
+
+
+def _score_missing(scorer: SelfScorer, rollouts: Path, out: Path, batch_size: int) -> int:
     repair_torn_tail(out)
     done = {r.image_file for r in load_records(out, strict=False).records} if out.exists() else set()
     todo = pending_images(rollouts, done)
