@@ -24,6 +24,7 @@ from srum.objectives import Candidates
 from srum.train.callbacks import RewardGridCallback
 from srum.train.data import ScheduledBatches, SRUMDataModule
 from srum.train.module import OptimConfig, RolloutConfig, SRUMModule
+from tests.train_helpers import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
@@ -37,11 +38,7 @@ TINY_OVERRIDES = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-tru
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("train")
-    main(["model", "init", "--preset", "tiny", "--out", str(folder / "ckpt"), "--seed", "0"])
-    weights = load_file(folder / "ckpt" / "ema.safetensors")  # a fresh model predicts v = 0: give it some
-    shape, generator = weights["llm2vae.weight"].shape, torch.Generator().manual_seed(0)
-    weights["llm2vae.weight"] = torch.randn(shape, generator=generator) * 0.1
-    save_file(weights, folder / "ckpt" / "ema.safetensors")
+    tiny_checkpoint(folder / "ckpt")
     prompts = folder / "prompts.txt"
     prompts.write_text("a red cube left of a blue ball\ntwo green circles\na yellow square\nthree blue triangles\n")
     return {"checkpoint": folder / "ckpt", "prompts": prompts, "root": folder}

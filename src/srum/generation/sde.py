@@ -72,17 +72,3 @@ class Trajectory:
     next_states: Tensor
     log_probs: Tensor
     noise_level: float
-
-    def images(self, counts: list[int]) -> list[Trajectory]:
-        """One trajectory per image (``counts``: tokens per image)."""
-        parts = zip(self.states.split(counts, 1), self.next_states.split(counts, 1), self.log_probs.split(counts, 1),
-                    strict=True)
-        return [Trajectory(self.times, s, n, lp, self.noise_level) for s, n, lp in parts]
-
-    @staticmethod
-    def cat(parts: list[Trajectory]) -> Trajectory:
-        """Images' trajectories packed together again."""
-        first = parts[0]
-        return Trajectory(first.times, torch.cat([p.states for p in parts], 1),
-                          torch.cat([p.next_states for p in parts], 1), torch.cat([p.log_probs for p in parts], 1),
-                          first.noise_level)
