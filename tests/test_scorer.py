@@ -13,10 +13,12 @@ from srum.generation.pipeline import Pipeline, resize_for_vit
 from srum.model.autoencoder import from_uint8_image
 from srum.model.overfit import overfit
 from srum.model.packing import Text, VitImage, pack
+from srum.reward.decompose import ModelDecomposer, parse_questions, whole_prompt_question
 from srum.reward.instructions import DEFAULT_INSTRUCTIONS
 from srum.reward.proposals import GridProposer, WholeImageProposer
 from srum.reward.records import load_records
 from srum.reward.scorer import ScorerConfig, SelfScorer, expected_scores
+from srum.shapeworld.questions import ShapeWorldDecomposer
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +153,59 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(check
     assert out.read_text() == ""  # nothing was written while the lock was held
     main(command)  # released: the run goes ahead
     assert len(out.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("aggregate", ["product", "mean"])
+def test_decomposed_scores_aggregate_each_questions_yes_probability(checkpoint, aggregate):
+    """Batched over images, questions and regions, the scores equal one question at a time, in float64."""
+    pipeline = Pipeline.from_checkpoint(checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    images = [(torch.rand(24, 24, 3, generator=generator) * 255).to(torch.uint8) for _ in range(2)]
+    prompts = ["a red square left of a blue circle", "two green triangles"]
+    decomposer = ShapeWorldDecomposer()
+    scorer = SelfScorer(pipeline, GridProposer(1, 2), ScorerConfig(method="expected", readout="questions",
+                                                                   aggregate=aggregate), decomposer=decomposer)
+    records = scorer.score(images, prompts, ["a.png", "b.png"])
+
+    def yes(image, question):
+        (logprobs,) = pipeline.score([from_uint8_image(image)], [question], [["yes", "no"]])
+        return torch.softmax(logprobs.double(), 0)[0]
+
+    for image, prompt, record in zip(images, prompts, records, strict=True):
+        answers = torch.stack([yes(image, q) for q in decomposer.questions([prompt])[0]])
+        joint = answers.prod() if aggregate == "product" else answers.mean()
+        assert record.global_scores.expected == pytest.approx(float(2 * joint - 1), abs=1e-5)
+        assert record.global_scores.text is None and len(record.answers["questions"].splitlines()) == len(answers)
+        frame = pipeline.vit_frame(24, 24)
+        for region in record.regions:
+            box = [round(c * s) for c, s in zip(region.box, (frame[1], frame[0], frame[1], frame[0]), strict=True)]
+            best = max(yes(image, q) for q in decomposer.region_questions(prompt, box, frame[1], frame[0]))
+            assert region.scores.expected == pytest.approx(float(2 * best - 1), abs=1e-5)
+
+
+def test_questions_readout_needs_probabilities_and_a_decomposer(checkpoint):
+    with pytest.raises(ValueError, match="method: readout questions"):
+        ScorerConfig(method="both", readout="questions")
+    with pytest.raises(ValueError, match="decomposer"):
+        SelfScorer(Pipeline.from_checkpoint(checkpoint), GridProposer(), ScorerConfig(method="expected",
+                                                                                     readout="questions"))
+
+
+def test_parse_questions_keeps_the_questions_of_a_written_list():
+    text = "1. Is there a red cube?\n- Is the cube left of the ball?\nsome words\n2) Is there a red cube?"
+    assert parse_questions(text, "p") == ["Is there a red cube?", "Is the cube left of the ball?"]
+    assert parse_questions("no questions here", "a red cube") == [whole_prompt_question("a red cube")]
+
+
+def test_a_model_taught_to_decompose_writes_its_questions(checkpoint):
+    pipeline = Pipeline.from_checkpoint(checkpoint)
+    prompt = "a red cube left of a blue ball"
+    written = "1. Is there a red cube?\n2. Is the cube left of the ball?"
+    batch = pack([[Text(pipeline.encode(DEFAULT_INSTRUCTIONS.decompose_instruction(prompt))),
+                   Text(pipeline.encode(written), loss=True)]], pipeline.model.config, pipeline.special)
+    losses = overfit(pipeline.model, batch, steps=80, lr=3e-3)
+    assert losses[-1] < 0.05 * losses[0]
+    pipeline.model.eval()
+    decomposer = ModelDecomposer(pipeline, DEFAULT_INSTRUCTIONS, max_new_tokens=40)
+    assert decomposer.questions([prompt, prompt]) == [["Is there a red cube?", "Is the cube left of the ball?"]] * 2
+    assert list(decomposer.cache) == [prompt]

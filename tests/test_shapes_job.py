@@ -86,12 +86,18 @@ def test_the_benchmark_refuses_a_run_without_a_scorer():
 def test_report_tables_and_finiteness():
     summary = {"categories": {"binding": {"score": 40.0}, "spatial": {"score": 10.0}}, "overall": 25.0,
                "pass_rate": 0.2, "pass_rate_by_combination": {"seen": 0.25, "unseen": 0.05},
-               "judge": {"balanced_accuracy": 0.9, "wrong_rejected_by_kind": {"colour": 0.25, "extra": 1.0}},
+               "judge": {"balanced_accuracy": 0.9, "clean_accepted": 0.95,
+                         "wrong_rejected_by_kind": {"colour": 0.25, "extra": 1.0}},
                "agreement_with_checker": 0.8}
+    summary["readouts"] = {"questions": {"judge": summary["judge"], "agreement_with_checker": 0.8},
+                           "instruction": {"judge": {**summary["judge"], "balanced_accuracy": 0.6},
+                                           "agreement_with_checker": 0.5}}
     after = {**summary, "overall": 31.5}
     table = markdown_table({"base": summary, "srum": after})
     assert "| overall | 25.0 | 31.5 | +6.5 |" in table and "srum - base" in table
     assert "| judge rejects colour % | 25.0 | 25.0 | +0.0 |" in table and "| judge rejects extra % |" in table
+    assert "| judge by instruction: balanced acc. % | 60.0 | 60.0 | +0.0 |" in table
+    assert "| judge by instruction: agreement % | 50.0 | 50.0 | +0.0 |" in table
     with pytest.raises(ValueError, match=r"report.models.srum.overall: expected a finite number"):
         check_finite({"models": {"srum": {**after, "overall": math.nan}}})
 
@@ -183,7 +189,7 @@ def test_oracle_arm_trains_on_checker_rewards_and_a_second_run_reuses_the_base(t
 def test_summarize_gives_mean_and_spread_over_runs(tmp_path, capsys):
     summary = {"categories": {"binding": {"score": 40.0}}, "overall": 25.0, "pass_rate": 0.2,
                "pass_rate_by_combination": {"seen": 0.25, "unseen": 0.05},
-               "judge": {"balanced_accuracy": 0.9, "wrong_rejected_by_kind": {"swap": 0.0}},
+               "judge": {"balanced_accuracy": 0.9, "clean_accepted": 0.9, "wrong_rejected_by_kind": {"swap": 0.0}},
                "agreement_with_checker": 0.8}
     paths = []
     for seed, gain in enumerate((4.0, 6.0)):

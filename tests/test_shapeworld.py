@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from srum.shapeworld.tasks import SHAPEWORLD_INSTRUCTIONS, ShapeWorldTasks, corpus, perturb, wanted
 from srum.shapeworld.world import (
@@ -101,7 +102,10 @@ def test_tasks_answer_from_the_ground_truth():
     texts = corpus(count=20)
     prefix = SHAPEWORLD_INSTRUCTIONS.global_instruction("X").split("X")[0]
     assert sum(text.startswith(prefix) for text in texts) == 20
-    assert "How many red squares are there? two" in texts
+    assert "How many red squares are there? zero one two three four five six" in texts
+    assert "Is every red square left of every" in texts
+    vit, question, answer = tasks.question(spec, scene, random.Random(3))
+    assert isinstance(vit, VitImage) and not question.loss and answer.loss
 
 
 def test_pretraining_schedule_warms_up_holds_and_decays_to_zero():
@@ -137,3 +141,23 @@ def test_pretrain_writes_a_checkpoint_that_generates_and_judges(tmp_path):
     assert min(by_kind) - 1e-9 <= judge["wrong_rejected"] <= max(by_kind) + 1e-9
     agreement = agreement_with_checker(pipeline, result, test_prompts)
     assert agreement * 4 == pytest.approx(round(agreement * 4))  # a share of the 4 images
+
+
+def test_generation_stops_at_generation_steps_while_understanding_trains_on(tmp_path):
+    from safetensors.torch import load_file
+
+    from srum.cli import main
+
+    def pretrain(name, steps, *extra):
+        main(["shapeworld", "pretrain", "--config", "configs/shapeworld_pretrain.yaml", "--trainer.max_steps",
+              str(steps), "--model.batch_size", "4", "--model.decay_steps", "0", "--model.out", str(tmp_path / name),
+              "--trainer.default_root_dir", str(tmp_path / f"{name}-run"), "--trainer.enable_progress_bar", "false",
+              *extra])
+        return load_file(tmp_path / name / "ema.safetensors")
+
+    stopped, continued = pretrain("stopped", 1), pretrain("continued", 3, "--model.generation_steps", "1")
+    generation = [name for name in stopped if "moe_gen" in name or name.startswith(("vae2llm", "llm2vae",
+                                                                                     "time_embedder"))]
+    assert len(generation) > 10
+    assert all(torch.equal(stopped[name], continued[name]) for name in generation)
+    assert not all(torch.equal(stopped[name], continued[name]) for name in stopped if name not in generation)

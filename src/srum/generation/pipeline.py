@@ -181,6 +181,13 @@ class Pipeline:
         return [answer.rsplit(THINK_END, 1)[-1].strip() if think else answer.strip() for answer in answers]
 
     @torch.no_grad()
+    def complete(self, texts: list[str], decoding: DecodingConfig | None = None) -> list[str]:
+        """Answer each text with text alone (no image): greedy by default."""
+        contexts = self._contexts(len(texts))
+        contexts.add_text([self.encode(text) for text in texts])
+        return [self.decode(ids).strip() for ids in generate_text(contexts, decoding or DecodingConfig())]
+
+    @torch.no_grad()
     def score(self, images: list[Tensor], questions: list[str], candidates: list[list[str]]) -> list[Tensor]:
         """Log-probability of each candidate answer to each question about each image, one (K,) tensor per
         image, from one teacher-forced pass (the basis of probability-weighted scoring)."""

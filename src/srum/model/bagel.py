@@ -18,6 +18,12 @@ from srum.model.qwen2 import Attend, ExpertRouting, Qwen2ForCausalLM, packed_att
 from srum.model.siglip import SiglipVisionModel
 
 
+def is_generation_parameter(name: str) -> bool:
+    """Whether a parameter of ``Bagel`` (by its name in ``named_parameters``) serves only image generation: the
+    generation expert of every layer and the latent input/output projections and timestep embedding."""
+    return "moe_gen" in name or name.startswith(("time_embedder.", "vae2llm.", "llm2vae."))
+
+
 @dataclass
 class BagelOutput:
     """What the training forward predicts, with the targets it was given.

@@ -309,4 +309,14 @@ def _shapeworld() -> BagelConfig:
     )
 
 
-PRESETS = {"bagel-7b-mot": _bagel_7b_mot, "tiny": _tiny, "shapeworld": _shapeworld}
+def _shapeworld_v2() -> BagelConfig:
+    """ShapeWorld's second base: the same frames with a wider, deeper decoder (6 M parameters), room for a
+    generation expert that can still learn after its pretraining stops and an understanding expert that compares
+    words with image tokens over more layers."""
+    config = _shapeworld()
+    config.llm = dataclasses.replace(config.llm, hidden_size=192, intermediate_size=576, num_hidden_layers=6,
+                                     num_attention_heads=6, num_key_value_heads=2)
+    return config
+
+
+PRESETS = {"bagel-7b-mot": _bagel_7b_mot, "tiny": _tiny, "shapeworld": _shapeworld, "shapeworld-v2": _shapeworld_v2}

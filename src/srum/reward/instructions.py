@@ -151,11 +151,21 @@ Score: -0.3
 Reason: The count is right and the rendering clean, but one apple has the wrong colour.
 """
 
+_DECOMPOSE = """Split this image prompt into short yes/no questions that a picture matching it answers with yes, \
+one per line: one per object with its attributes, one per count, one per spatial relation.
+
+Prompt: "{prompt}"
+"""
+
+_REGION_QUESTION = 'Is the object in {box} one that "{prompt}" asks for?'
+
 _REQUIRED_FIELDS: dict[str, frozenset[str]] = {
     "global_template": frozenset({"prompt"}),
     "region_template": frozenset({"prompt", "regions", "width", "height"}),
     "single_region_template": frozenset({"prompt", "box", "width", "height"}),
     "sample_template": frozenset({"prompt"}),
+    "decompose_template": frozenset({"prompt"}),
+    "region_question_template": frozenset({"prompt", "box"}),
 }
 
 
@@ -180,7 +190,7 @@ def _pixel(name: str, value: Any) -> int:
         raise ValueError(f"{name}: expected an integer pixel value, got {value!r}") from None
 
 
-def _box_text(box: Sequence[Any], width: int, height: int) -> str:
+def box_text(box: Sequence[Any], width: int, height: int) -> str:
     """``[x1, y1, x2, y2]`` after checking the box is a non-empty integer box inside the image."""
     if len(box) != 4:
         raise ValueError(f"a box needs 4 coordinates [x1, y1, x2, y2], got {list(box)}")
@@ -200,7 +210,7 @@ def _size(width: Any, height: Any) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class ScoringInstructions:
-    """The four scoring templates and the version recorded with every score they produce."""
+    """The scoring templates and the version recorded with every score they produce."""
 
     global_template: str = _GLOBAL
     """Layout against the prompt's spatial intent. Fields: ``{prompt}``."""
@@ -210,6 +220,11 @@ class ScoringInstructions:
     """One box, answered as ``Score:``/``Reason:``. Fields: ``{prompt}``, ``{box}``, ``{width}``, ``{height}``."""
     sample_template: str = _SAMPLE
     """Whole-image overall impression. Fields: ``{prompt}``."""
+    decompose_template: str = _DECOMPOSE
+    """Asks the model, in text, for the prompt's atomic yes/no questions (decomposed scoring). Fields:
+    ``{prompt}``."""
+    region_question_template: str = _REGION_QUESTION
+    """The yes/no question about one box of decomposed scoring. Fields: ``{prompt}``, ``{box}``."""
     version: str = "srum-1"
     """Names the wording; stored next to every score."""
 
@@ -251,17 +266,24 @@ class ScoringInstructions:
         width, height = _size(width, height)
         if not boxes:
             raise ValueError("region_instruction needs at least one box")
-        regions = "\n\n".join(f"Region ID: {i}\nBounding Box: {_box_text(box, width, height)}"
+        regions = "\n\n".join(f"Region ID: {i}\nBounding Box: {box_text(box, width, height)}"
                               for i, box in enumerate(boxes, start=1))
         return self.region_template.format(prompt=prompt, regions=regions, width=width, height=height)
 
     def single_region_instruction(self, prompt: str, box: Sequence[int], width: int, height: int) -> str:
         width, height = _size(width, height)
-        return self.single_region_template.format(prompt=prompt, box=_box_text(box, width, height), width=width,
+        return self.single_region_template.format(prompt=prompt, box=box_text(box, width, height), width=width,
                                                   height=height)
 
     def sample_instruction(self, prompt: str) -> str:
         return self.sample_template.format(prompt=prompt)
+
+    def decompose_instruction(self, prompt: str) -> str:
+        return self.decompose_template.format(prompt=prompt)
+
+    def region_question(self, prompt: str, box: Sequence[int], width: int, height: int) -> str:
+        width, height = _size(width, height)
+        return self.region_question_template.format(prompt=prompt, box=box_text(box, width, height))
 
 
 DEFAULT_INSTRUCTIONS = ScoringInstructions()

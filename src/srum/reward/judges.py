@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 
 from torch import Tensor
 
+from srum.reward.decompose import Decomposer, ModelDecomposer
 from srum.reward.instructions import DEFAULT_INSTRUCTIONS, ScoringInstructions, read_instructions
 from srum.reward.proposals import build_proposer
 from srum.reward.records import RewardRecord, ScoreKind
@@ -57,10 +58,15 @@ class ScoringConfig:
     """Local transformers vision-language model folder (judge vlm)."""
     vlm_class: str = "AutoModelForImageTextToText"
     """Its transformers model class (judge vlm)."""
+    questions: Literal["model", "shapeworld"] = "model"
+    """Who splits prompts into atomic questions when ``scorer.readout`` is ``questions``: the reader itself, in
+    text (any prompt), or ShapeWorld's prompt parser (ShapeWorld prompts, the wording its base is pretrained on)."""
 
     def __post_init__(self) -> None:
         if self.judge not in JUDGES:
             raise ValueError(f"scoring.judge: expected one of {', '.join(JUDGES)}, got {self.judge!r}")
+        if self.questions not in ("model", "shapeworld"):
+            raise ValueError(f"scoring.questions: expected model or shapeworld, got {self.questions!r}")
         if self.judge == "vlm" and not self.vlm_dir:
             raise ValueError("scoring.vlm_dir: expected a local transformers model folder for judge vlm, got none")
 
@@ -90,4 +96,16 @@ def build_judge(config: ScoringConfig, pipeline: Any, device: Any = None) -> Jud
         from srum.reward.vlm_reader import VLMReader
 
         reader = VLMReader(config.vlm_dir, config.vlm_class, device=device or "cpu")
-    return SelfScorer(reader, proposer, config.scorer, scoring_instructions(config.instructions))
+    instructions = scoring_instructions(config.instructions)
+    return SelfScorer(reader, proposer, config.scorer, instructions, build_decomposer(config, reader, instructions))
+
+
+def build_decomposer(config: ScoringConfig, reader: Any, instructions: ScoringInstructions) -> Decomposer | None:
+    """The question source of decomposed scoring (None for the instruction readout)."""
+    if config.scorer.readout != "questions":
+        return None
+    if config.questions == "shapeworld":
+        from srum.shapeworld.questions import ShapeWorldDecomposer
+
+        return ShapeWorldDecomposer()
+    return ModelDecomposer(reader, instructions)

@@ -8,6 +8,11 @@ Two ways to read a judgement, both recorded:
   (``Score: -1.0`` ... ``Score: 1.0``), from one teacher-forced pass. It always yields a number and needs no
   retries; multi-token numbers are scored whole (summed token log-probabilities).
 
+The expected score has two readouts: ``instruction`` asks the scoring instruction once per image (official);
+``questions`` splits the prompt into atomic yes/no questions (``srum.reward.decompose``), reads P(yes) of each
+from one teacher-forced pass, and aggregates them (product or mean) into the global score 2 P - 1; a region's
+score is 2 P - 1 of its best-answered question about the object it holds.
+
 Boxes are given to the model in the frame it sees the image at (the understanding transform's size), and that
 size is stated in the instruction; records store them normalised.
 """
@@ -24,12 +29,14 @@ from torch import Tensor
 from srum.generation.pipeline import Pipeline
 from srum.generation.text import DecodingConfig
 from srum.model.autoencoder import from_uint8_image
+from srum.reward.decompose import Decomposer
 from srum.reward.instructions import DEFAULT_INSTRUCTIONS, SCORE_PREFIX, ScoringInstructions, score_candidates
 from srum.reward.parsing import parse_number, parse_region_answer, parse_score_answer
 from srum.reward.proposals import Region, RegionProposer
 from srum.reward.records import RegionEntry, RewardRecord, Scores
 
 Method = Literal["text", "expected", "both"]
+YES_NO = ("yes", "no")
 
 
 @dataclass(frozen=True)
@@ -46,17 +53,36 @@ class ScorerConfig:
     """Decoding budget of the region free-text answer."""
     score_step: float = 0.1
     """Spacing of the candidate score strings of the expected score."""
+    readout: Literal["instruction", "questions"] = "instruction"
+    """How the expected score is read: the scoring instruction once (official) or the prompt's atomic yes/no
+    questions (decomposed scoring; needs ``method: expected``)."""
+    aggregate: Literal["product", "mean"] = "product"
+    """How the questions' P(yes) become one (readout questions): their product (every question must hold, the
+    checker's strict verdict) or their mean (partial credit)."""
 
     def __post_init__(self) -> None:
         if self.method not in ("text", "expected", "both"):
             raise ValueError(f"method: expected text, expected or both, got {self.method!r}")
         if self.global_kind not in ("layout", "sample"):
             raise ValueError(f"global_kind: expected layout or sample, got {self.global_kind!r}")
+        if self.readout not in ("instruction", "questions"):
+            raise ValueError(f"readout: expected instruction or questions, got {self.readout!r}")
+        if self.aggregate not in ("product", "mean"):
+            raise ValueError(f"aggregate: expected product or mean, got {self.aggregate!r}")
+        if self.readout == "questions" and self.method != "expected":
+            raise ValueError(f"method: readout questions reads probabilities only; expected method expected, "
+                             f"got {self.method!r}")
 
 
 def expected_scores(logprobs: Tensor, values: Tensor) -> Tensor:
     """Expected score per row: candidates' log-probabilities (R, K) renormalised over the K candidates."""
     return (torch.softmax(logprobs.float(), dim=-1) * values).sum(-1)
+
+
+def aggregate_yes(probabilities: Tensor, how: str) -> float:
+    """One score in [-1, 1] from the P(yes) of a picture's questions: 2 * (product or mean) - 1."""
+    joint = probabilities.double().prod() if how == "product" else probabilities.double().mean()
+    return float(2 * joint - 1)
 
 
 def _scale_box(region: Region, image_size: tuple[int, int], frame: tuple[int, int]) -> list[int]:
@@ -74,9 +100,13 @@ class SelfScorer:
     """Scores images with the same model that drew them."""
 
     def __init__(self, pipeline: Pipeline, proposer: RegionProposer, config: ScorerConfig | None = None,
-                 instructions: ScoringInstructions = DEFAULT_INSTRUCTIONS) -> None:
+                 instructions: ScoringInstructions = DEFAULT_INSTRUCTIONS, decomposer: Decomposer | None = None,
+                 ) -> None:
         self.pipeline, self.proposer = pipeline, proposer
         self.config = config or ScorerConfig()
+        if self.config.readout == "questions" and decomposer is None:
+            raise ValueError("readout questions: expected a decomposer that splits prompts into questions, got none")
+        self.decomposer = decomposer
         self.instructions = instructions
         self.candidates = score_candidates(self.config.score_step)
         self.candidate_values = torch.tensor([parse_number(c) for c in self.candidates])
@@ -93,6 +123,33 @@ class SelfScorer:
         options = [[SCORE_PREFIX + c for c in self.candidates]] * len(images)
         logprobs = torch.stack(self.pipeline.score(images, questions, options))  # (R, K)
         return expected_scores(logprobs, self.candidate_values.to(logprobs.device)).tolist()
+
+    def yes_probabilities(self, images: list[Tensor], questions: list[str]) -> Tensor:
+        """P(yes) of each image's question, renormalised over yes and no, (N,)."""
+        if not images:
+            return torch.zeros(0)
+        logprobs = torch.stack(self.pipeline.score(images, questions, [list(YES_NO)] * len(images)))
+        return torch.softmax(logprobs.float(), dim=-1)[:, 0].cpu()
+
+    def decomposed(self, images: list[Tensor], prompts: list[str]) -> tuple[list[float], list[str]]:
+        """Each image's aggregated score over its prompt's atomic questions, and the questions with their P(yes)
+        as text (recorded with the scores)."""
+        asked = [(i, q) for i, questions in enumerate(self.decomposer.questions(prompts)) for q in questions]
+        yes = self.yes_probabilities([images[i] for i, _ in asked], [q for _, q in asked])
+        owner = torch.tensor([i for i, _ in asked])
+        scores = [aggregate_yes(yes[owner == i], self.config.aggregate) for i in range(len(images))]
+        texts = ["\n".join(f"{q} P(yes)={p:.3f}" for (j, q), p in zip(asked, yes.tolist(), strict=True) if j == i)
+                 for i in range(len(images))]
+        return scores, texts
+
+    def region_decomposed(self, images: list[Tensor], prompts: list[str], boxes: list[list[int]],
+                          frames: list[tuple[int, int]]) -> list[float]:
+        """Each (image, box)'s score: 2 P - 1 of the best-answered question about the object in the box."""
+        asked = [(r, q) for r, (prompt, box, frame) in enumerate(zip(prompts, boxes, frames, strict=True))
+                 for q in self.decomposer.region_questions(prompt, box, frame[1], frame[0])]
+        yes = self.yes_probabilities([images[r] for r, _ in asked], [q for _, q in asked])
+        owner = torch.tensor([r for r, _ in asked])
+        return [float(2 * yes[owner == r].max() - 1) for r in range(len(boxes))]
 
     def _answers(self, images: list[Tensor], questions: list[str], budget: int) -> list[str]:
         if not images:
@@ -129,9 +186,17 @@ class SelfScorer:
 
         expected_global: list[float | None] = [None] * len(images)
         expected_regions: list[list[float | None]] = [[None] * len(boxes) for boxes in seen_boxes]
-        if config.method in ("expected", "both"):
+        pairs = [(i, k) for i, boxes in enumerate(seen_boxes) for k in range(len(boxes))]
+        if config.readout == "questions":
+            expected_global, texts = self.decomposed(pixels, prompts)
+            for index, text in enumerate(texts):
+                answers[index]["questions"] = text
+            values = self.region_decomposed([pixels[i] for i, _ in pairs], [prompts[i] for i, _ in pairs],
+                                            [seen_boxes[i][k] for i, k in pairs], [frames[i] for i, _ in pairs])
+            for (i, k), value in zip(pairs, values, strict=True):
+                expected_regions[i][k] = value
+        elif config.method in ("expected", "both"):
             expected_global = self.expected(pixels, global_questions)
-            pairs = [(i, k) for i, boxes in enumerate(seen_boxes) for k in range(len(boxes))]
             questions = [self.instructions.single_region_instruction(prompts[i], seen_boxes[i][k], frames[i][1],
                                                                      frames[i][0]) for i, k in pairs]
             for (i, k), value in zip(pairs, self.expected([pixels[i] for i, _ in pairs], questions), strict=True):

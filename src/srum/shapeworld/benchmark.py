@@ -11,7 +11,13 @@ import torch
 
 from srum.generation.pipeline import Pipeline
 from srum.generation.sampler import SamplerConfig
-from srum.shapeworld.evaluate import agreement_with_checker, evaluate_generation, evaluate_judge
+from srum.shapeworld.evaluate import (
+    READOUTS,
+    Readout,
+    agreement_with_checker,
+    evaluate_generation,
+    evaluate_judge,
+)
 from srum.shapeworld.world import prompts as world_prompts
 
 
@@ -37,11 +43,16 @@ class BenchmarkConfig:
     """Sampling of the generated images."""
     batch_size: int = 100
     """Images generated at once."""
+    judge_readouts: tuple[Readout, ...] = ("questions", "instruction")
+    """How the model's judgement is read (``srum.shapeworld.evaluate.READOUTS``), each measured; the first is
+    the summary's ``judge`` and ``agreement_with_checker``, all are under ``readouts``."""
 
     def __post_init__(self) -> None:
         if self.prompts < 1 or self.judge_renders < 2:
             raise ValueError(f"prompts and judge_renders: expected >= 1 and >= 2, got {self.prompts}, "
                              f"{self.judge_renders}")
+        if not self.judge_readouts or not set(self.judge_readouts) <= set(READOUTS):
+            raise ValueError(f"judge_readouts: expected some of {', '.join(READOUTS)}, got {self.judge_readouts!r}")
         if self.split not in ("val", "test"):
             raise ValueError(f"split: expected val or test, got {self.split!r}")
 
@@ -55,9 +66,10 @@ class Evaluation:
     prompts: list[str]
 
 
-SUMMARY_VERSION = 3
+SUMMARY_VERSION = 4
 """What a summary holds (2: the judge's rejections per kind of mistake; 3: judge renders drawn from the
-benchmark's prompts, seen and unseen pairs mixed); cached measurements of another version are not reused."""
+benchmark's prompts, seen and unseen pairs mixed; 4: the judge under each readout); cached measurements of
+another version are not reused."""
 
 
 def settings_of(config: BenchmarkConfig) -> dict:
@@ -80,8 +92,10 @@ def run_benchmark(pipeline: Pipeline, config: BenchmarkConfig) -> Evaluation:
     prompt_list = world_prompts(config.split, config.prompts, config.seed)
     generation = evaluate_generation(pipeline, prompt_list, config.sampler, seed=config.seed,
                                      batch_size=config.batch_size)
-    judge = evaluate_judge(pipeline, config.judge_renders, seed=config.seed, split=config.split)
-    agreement = agreement_with_checker(pipeline, generation, prompt_list)
+    readouts = {readout: {"judge": evaluate_judge(pipeline, config.judge_renders, config.seed, config.split, readout),
+                          "agreement_with_checker": agreement_with_checker(pipeline, generation, prompt_list, readout)}
+                for readout in config.judge_readouts}
+    primary = readouts[config.judge_readouts[0]]
     passed = sum(v.passed for v in generation.verdicts)
     by_kind = {kind: [v.passed for v, p in zip(generation.verdicts, prompt_list, strict=True) if p.unseen == unseen]
                for kind, unseen in (("seen", False), ("unseen", True))}
@@ -92,8 +106,9 @@ def run_benchmark(pipeline: Pipeline, config: BenchmarkConfig) -> Evaluation:
         "pass_rate_stderr": math.sqrt(passed * (len(prompt_list) - passed)) / len(prompt_list) ** 1.5,
         "pass_rate_by_combination": {kind: sum(v) / len(v) if v else 0.0 for kind, v in by_kind.items()},
         "categories": generation.report["categories"],
-        "judge": judge,
-        "agreement_with_checker": agreement,
+        "judge": primary["judge"],
+        "agreement_with_checker": primary["agreement_with_checker"],
+        "readouts": readouts,
         "settings": settings_of(config),
     }
     return Evaluation(summary, generation.images, [p.text for p in prompt_list])

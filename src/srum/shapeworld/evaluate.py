@@ -8,6 +8,7 @@ import math
 import random
 from dataclasses import dataclass
 from statistics import fmean as mean
+from typing import Literal
 
 import torch
 
@@ -17,6 +18,7 @@ from srum.model.autoencoder import from_uint8_image
 from srum.reward.proposals import WholeImageProposer
 from srum.reward.scorer import ScorerConfig, SelfScorer
 from srum.shapeworld.checker import Verdict, report, score
+from srum.shapeworld.questions import ShapeWorldDecomposer
 from srum.shapeworld.tasks import SHAPEWORLD_INSTRUCTIONS, perturb
 from srum.shapeworld.world import SIZE, Prompt, render, scene_for
 from srum.shapeworld.world import prompts as world_prompts
@@ -45,14 +47,25 @@ def evaluate_generation(pipeline: Pipeline, prompts: list[Prompt], sampler: Samp
     return GenerationResult(report(verdicts), verdicts, images)
 
 
-def global_expected_scores(pipeline: Pipeline, images: list[torch.Tensor], prompts: list[str]) -> torch.Tensor:
-    """The model's probability-weighted global score of each image against its prompt, (N,)."""
-    scorer = SelfScorer(pipeline, WholeImageProposer(), ScorerConfig(method="expected"), SHAPEWORLD_INSTRUCTIONS)
-    questions = [SHAPEWORLD_INSTRUCTIONS.global_instruction(p) for p in prompts]
-    return torch.tensor(scorer.expected([from_uint8_image(i) for i in images], questions))
+Readout = Literal["instruction", "questions"]
+READOUTS: tuple[Readout, ...] = ("instruction", "questions")
 
 
-def evaluate_judge(pipeline: Pipeline, count: int = 200, seed: int = 0, split: str = "test") -> dict:
+def global_expected_scores(pipeline: Pipeline, images: list[torch.Tensor], prompts: list[str],
+                           readout: Readout = "instruction") -> torch.Tensor:
+    """The model's probability-weighted global score of each image against its prompt, (N,): read from the
+    global scoring instruction, or as the product of its answers to the prompt's atomic questions."""
+    config = ScorerConfig(method="expected", readout=readout)
+    decomposer = ShapeWorldDecomposer() if readout == "questions" else None
+    scorer = SelfScorer(pipeline, WholeImageProposer(), config, SHAPEWORLD_INSTRUCTIONS, decomposer)
+    pixels = [from_uint8_image(i) for i in images]
+    if readout == "questions":
+        return torch.tensor(scorer.decomposed(pixels, prompts)[0])
+    return torch.tensor(scorer.expected(pixels, [SHAPEWORLD_INSTRUCTIONS.global_instruction(p) for p in prompts]))
+
+
+def evaluate_judge(pipeline: Pipeline, count: int = 200, seed: int = 0, split: str = "test",
+                   readout: Readout = "instruction") -> dict:
     """Balanced accuracy of the sign of the model's global score on clean vs one-thing-wrong renders, and the
     share of wrong renders rejected per kind of change (which mistakes the judge can see). The prompts are the
     split's benchmark prompts (seen and unseen pairs mixed as in generation)."""
@@ -66,7 +79,7 @@ def evaluate_judge(pipeline: Pipeline, count: int = 200, seed: int = 0, split: s
         images.append(render(shown))
         prompts.append(spec.text())
         kinds.append(kind)
-    said = (global_expected_scores(pipeline, images, prompts) > 0).tolist()
+    said = (global_expected_scores(pipeline, images, prompts, readout) > 0).tolist()
     accepted = {kind: [yes for yes, k in zip(said, kinds, strict=True) if k == kind] for kind in dict.fromkeys(kinds)}
     accuracy_clean = _share(accepted.pop(CLEAN, []))
     accuracy_wrong = _share([not yes for answers in accepted.values() for yes in answers])
@@ -80,8 +93,9 @@ def _share(flags: list[bool]) -> float:
     return mean(flags) if flags else math.nan
 
 
-def agreement_with_checker(pipeline: Pipeline, result: GenerationResult, prompts: list[Prompt]) -> float:
+def agreement_with_checker(pipeline: Pipeline, result: GenerationResult, prompts: list[Prompt],
+                           readout: Readout = "instruction") -> float:
     """How often the sign of the model's own global score agrees with the checker's verdict on its images."""
-    scores = global_expected_scores(pipeline, result.images, [p.text for p in prompts])
+    scores = global_expected_scores(pipeline, result.images, [p.text for p in prompts], readout)
     passed = torch.tensor([v.passed for v in result.verdicts])
     return float(((scores > 0) == passed).float().mean())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import lightning as L
 import torch
 
 from srum.model.autoencoder import build_autoencoder
+from srum.model.bagel import is_generation_parameter
 from srum.model.build import build_random
 from srum.model.checkpoint import save_checkpoint
 from srum.model.config import BagelConfig
@@ -63,15 +65,22 @@ class PretrainModule(L.LightningModule):
             the weights settle out of the constant-rate noise; both branches gain from it.
         mix: frequencies of the sample kinds.
         text_dropout: probability of a text-to-image sample without its prompt (for CFG).
+        generation_steps: the step at which generation stops (None: never). From it on the mix has no
+            text-to-image samples and the generation weights (the MoT generation expert, latent projections,
+            timestep embedding) keep their values, while understanding goes on training and annealing: a base
+            that judges well and still has room to draw better, on purpose.
     """
 
     def __init__(self, out: Path, preset: str = "shapeworld", seed: int = 0, batch_size: int = 32, lr: float = 1e-3,
                  warmup_steps: int = 100, decay_steps: int = 0, mix: TaskMix = TaskMix(),
-                 text_dropout: float = 0.1) -> None:
+                 text_dropout: float = 0.1, generation_steps: int | None = None) -> None:
         super().__init__()
         self.out, self.config, self.seed = Path(out), BagelConfig.from_name(preset), seed
         self.batch_size, self.lr, self.warmup_steps, self.decay_steps = batch_size, lr, warmup_steps, decay_steps
-        self.mix, self.text_dropout = mix, text_dropout
+        self.mix, self.text_dropout, self.generation_steps = mix, text_dropout, generation_steps
+        if generation_steps is not None and generation_steps < 0:
+            raise ValueError(f"model.generation_steps: expected a step >= 0 or null, got {generation_steps}")
+        self.understanding_mix = replace(mix, text_to_image=0.0)
         self.model = build_random(self.config, seed)
         self.autoencoder = build_autoencoder(self.config.ae)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +98,8 @@ class PretrainModule(L.LightningModule):
     def training_step(self, index: int, batch_idx: int) -> torch.Tensor:
         digest = hashlib.sha256(f"{self.seed}/{index}".encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "little"))
-        samples = [self.tasks.sample(rng) for _ in range(self.batch_size)]
+        mix = self.mix if self.generating(index) else self.understanding_mix
+        samples = [self.tasks.sample(rng, mix=mix) for _ in range(self.batch_size)]
         batch = pack(samples, self.config, self.special).to(self.device)
         out = self.model(batch, generator=torch.Generator().manual_seed(rng.getrandbits(62)))
         ce = out.ce().mean() if out.labels.numel() else out.velocity.new_zeros(())
@@ -97,15 +107,23 @@ class PretrainModule(L.LightningModule):
         self.log_dict({"pretrain/ce": ce, "pretrain/mse": mse}, prog_bar=True, batch_size=self.batch_size)
         return ce + mse
 
+    def generating(self, step: int) -> bool:
+        return self.generation_steps is None or step < self.generation_steps
+
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=(0.9, 0.95), eps=1e-15,
-                                      weight_decay=0.0)
+        named = list(self.model.named_parameters())
+        understanding = [p for name, p in named if not is_generation_parameter(name)]
+        generation = [p for name, p in named if is_generation_parameter(name)]
+        # two groups always, so checkpoints of runs with and without generation_steps load into each other
+        optimizer = torch.optim.AdamW([{"params": understanding}, {"params": generation}], lr=self.lr,
+                                      betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
         if self.decay_steps and self.trainer.max_steps <= 0:
             raise ValueError(f"model.decay_steps: the decay ends at trainer.max_steps; expected a positive "
                              f"max_steps, got {self.trainer.max_steps}")
         schedule = partial(lr_factor, warmup_steps=self.warmup_steps, decay_steps=self.decay_steps,
                            total_steps=self.trainer.max_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [schedule, lambda step: schedule(step) if self.generating(step) else 0.0])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_end(self) -> None:

@@ -17,8 +17,8 @@ from srum.train.callbacks import reward_grid
 
 
 def rows(summaries: dict[str, dict]) -> list[tuple[str, list[float]]]:
-    """(metric, one value per model) in display order: categories, overall, pass rate, judge (overall and per kind
-    of mistake), agreement."""
+    """(metric, one value per model) in display order: categories, overall, pass rate, judge (overall, clean and
+    per kind of mistake), agreement, then the other judge readouts."""
     first = next(iter(summaries.values()))
     names = list(first["categories"])
     out = [(name, [s["categories"][name]["score"] for s in summaries.values()]) for name in names]
@@ -28,10 +28,15 @@ def rows(summaries: dict[str, dict]) -> list[tuple[str, list[float]]]:
         out.append((f"pass rate, {kind} pairs %", [100 * s["pass_rate_by_combination"][kind]
                                                   for s in summaries.values()]))
     out.append(("judge balanced acc. %", [100 * s["judge"]["balanced_accuracy"] for s in summaries.values()]))
+    out.append(("judge accepts clean %", [100 * s["judge"]["clean_accepted"] for s in summaries.values()]))
     for kind in first["judge"]["wrong_rejected_by_kind"]:
         out.append((f"judge rejects {kind} %", [100 * s["judge"]["wrong_rejected_by_kind"][kind]
                                                 for s in summaries.values()]))
     out.append(("agreement with checker %", [100 * s["agreement_with_checker"] for s in summaries.values()]))
+    for readout in list(first.get("readouts", {}))[1:]:  # the first readout is the judge above
+        values = [s["readouts"][readout] for s in summaries.values()]
+        out.append((f"judge by {readout}: balanced acc. %", [100 * v["judge"]["balanced_accuracy"] for v in values]))
+        out.append((f"judge by {readout}: agreement %", [100 * v["agreement_with_checker"] for v in values]))
     return out
 
 

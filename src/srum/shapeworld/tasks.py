@@ -11,14 +11,16 @@ import torch
 
 from srum.model.autoencoder import from_uint8_image
 from srum.model.packing import Item, Text, VaeImage, VitImage
-from srum.reward.instructions import DEFAULT_INSTRUCTIONS, ScoringInstructions
+from srum.reward.instructions import DEFAULT_INSTRUCTIONS, ScoringInstructions, box_text
+from srum.shapeworld.questions import COUNT_WORDS, BalancedQuestions, atomic_questions
 from srum.shapeworld.world import (
     CATEGORIES,
     CELL,
     COLOURS,
     GRID,
-    NUMBERS,
+    RELATIONS,
     SHAPES,
+    SIZE,
     Obj,
     Scene,
     Spec,
@@ -69,6 +71,11 @@ def perturb(scene: Scene, spec: Spec, rng: random.Random) -> tuple[Scene, str]:
     return Scene(tuple(objects)), kind
 
 
+def cell_box(obj: Obj) -> list[int]:
+    """The pixel box [x1, y1, x2, y2] of an object's grid cell."""
+    return [obj.cell[1] * CELL, obj.cell[0] * CELL, (obj.cell[1] + 1) * CELL, (obj.cell[0] + 1) * CELL]
+
+
 def wanted(colour: str, shape: str, spec: Spec) -> bool:
     """Whether the prompt asks for an object of this colour and shape."""
     return any(colour == t.colour and shape == t.shape for t in spec.things)
@@ -99,7 +106,8 @@ class TaskMix:
     region_score: float = 0.15
     """The single-region scoring instruction on one object of a clean or wrong render."""
     question: float = 0.15
-    """Counting and presence questions."""
+    """Yes/no and counting questions of every kind in ``srum.shapeworld.questions``, answers balanced, on clean
+    or one-thing-wrong renders: the atomic questions decomposed self-scoring asks."""
     caption: float = 0.0
     """Describe the picture, object by object: reading colours and shapes off the image directly, which teaches
     a randomly initialised vision path far faster than questions whose answer depends on the prompt too."""
@@ -111,6 +119,7 @@ class ShapeWorldTasks:
     def __init__(self, encode, autoencoder, mix: TaskMix | None = None, text_dropout: float = 0.1) -> None:
         self.encode, self.autoencoder = encode, autoencoder
         self.mix, self.text_dropout = mix or TaskMix(), text_dropout
+        self.questions = BalancedQuestions(lambda obj: box_text(cell_box(obj), SIZE, SIZE))
 
     def _text(self, text: str, loss: bool = False) -> Text:
         return Text(self.encode(text), loss=loss)
@@ -131,30 +140,26 @@ class ShapeWorldTasks:
     def region_score(self, spec: Spec, scene: Scene, rng: random.Random) -> list[Item]:
         shown = scene if rng.random() < 0.5 else perturb(scene, spec, rng)[0]
         obj = rng.choice(shown.objects)
-        box = [obj.cell[1] * CELL, obj.cell[0] * CELL, (obj.cell[1] + 1) * CELL, (obj.cell[0] + 1) * CELL]
-        side = GRID * CELL
-        question = SHAPEWORLD_INSTRUCTIONS.single_region_instruction(spec.text(), box, side, side)
+        question = SHAPEWORLD_INSTRUCTIONS.single_region_instruction(spec.text(), cell_box(obj), SIZE, SIZE)
         return [VitImage(from_uint8_image(render(shown))), self._text(question),
                 self._text(_score_text(1.0 if wanted(obj.colour, obj.shape, spec) else -1.0), loss=True)]
 
     def question(self, spec: Spec, scene: Scene, rng: random.Random) -> list[Item]:
-        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        count = sum(o.colour == colour and o.shape == shape for o in scene.objects)
-        if rng.random() < 0.5:
-            question, answer = f"How many {colour} {shape}s are there?", NUMBERS.get(count, "zero")
-        else:
-            question, answer = f"Is there a {colour} {shape}?", "yes" if count else "no"
-        return [VitImage(from_uint8_image(render(scene))), self._text(question), self._text(answer, loss=True)]
+        shown = scene if rng.random() < 0.5 else perturb(scene, spec, rng)[0]
+        drawn = self.questions.draw(shown, rng)
+        return [VitImage(from_uint8_image(render(shown))), self._text(drawn.text),
+                self._text(drawn.answer, loss=True)]
 
     def caption(self, spec: Spec, scene: Scene, rng: random.Random) -> list[Item]:
         return [VitImage(from_uint8_image(render(scene))), self._text(CAPTION_QUESTION),
                 self._text(caption(scene), loss=True)]
 
-    def sample(self, rng: random.Random, split: str = "train") -> list[Item]:
+    def sample(self, rng: random.Random, split: str = "train", mix: TaskMix | None = None) -> list[Item]:
+        """One sample of a kind drawn from ``mix`` (default: the tasks' own mix)."""
         spec = sample_spec(rng.choice(CATEGORIES), rng, split)
         scene = scene_for(spec, rng)
         kinds = [kind.name for kind in fields(TaskMix)]  # each mix field names the method that draws that kind
-        kind = rng.choices(kinds, [getattr(self.mix, kind) for kind in kinds])[0]
+        kind = rng.choices(kinds, [getattr(mix or self.mix, kind) for kind in kinds])[0]
         return getattr(self, kind)(spec, scene, rng)
 
 
@@ -167,8 +172,11 @@ def corpus(count: int = 2000, seed: int = 0) -> list[str]:
         texts += [spec.text(), SHAPEWORLD_INSTRUCTIONS.global_instruction(spec.text()),
                   SHAPEWORLD_INSTRUCTIONS.single_region_instruction(spec.text(), [0, 12, 12, 24], 36, 36),
                   _score_text(rng.choice([-1.0, 1.0]))]
-    texts += [f"How many {c} {s}s are there? {n}" for c in COLOURS for s in SHAPES for n in NUMBERS.values()]
-    texts += [f"Is there a {c} {s}? yes no" for c in COLOURS for s in SHAPES]
+        texts += atomic_questions(spec)
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    texts += [f"How many {c} {s}s are there? {' '.join(COUNT_WORDS)}" for c, s in pairs]
+    texts += [f"Is there a {c} {s}? yes no Is the object in [0, 12, 12, 24] a {c} {s}?" for c, s in pairs]
+    texts += [f"Is every {c} {s} {relation} every" for c, s in pairs for relation in RELATIONS]
     texts += [CAPTION_QUESTION] + [f"{r} {col} {c} {s}," for r in _ROWS for col in _COLUMNS for c in COLOURS
                                    for s in SHAPES]
     return texts

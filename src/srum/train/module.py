@@ -32,7 +32,7 @@ from srum.generation.sampler import SamplerConfig
 from srum.generation.text import DecodingConfig
 from srum.loss import Impl, LossConfig
 from srum.model.autoencoder import from_uint8_image
-from srum.model.bagel import Bagel
+from srum.model.bagel import Bagel, is_generation_parameter
 from srum.model.checkpoint import load_checkpoint
 from srum.model.tokenizer import load_tokenizer
 from srum.objectives import Candidates, Policy, build_objective
@@ -231,8 +231,7 @@ class SRUMModule(L.LightningModule):
         for name, parameter in model.named_parameters():
             if name.startswith(("vit_model.", "connector.")):
                 continue
-            generation = "moe_gen" in name or name.startswith(("time_embedder.", "vae2llm.", "llm2vae."))
-            parameter.requires_grad_(self.trainable == "all" or generation)
+            parameter.requires_grad_(self.trainable == "all" or is_generation_parameter(name))
 
     def configure_optimizers(self):
         parameters = [p for p in self.model.parameters() if p.requires_grad]
