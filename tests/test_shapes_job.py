@@ -212,3 +212,13 @@ def test_summarize_gives_mean_and_spread_over_runs(tmp_path, capsys):
         main(["shapeworld", "summarize", "--arms", json.dumps({"srum": [str(tmp_path / "bad.json")]})])
     with pytest.raises(SystemExit, match=r"arms.uniform: expected at least one report file"):
         main(["shapeworld", "summarize", "--arms", json.dumps({"srum": [str(paths[0])], "uniform": []})])
+
+
+def test_grid_captions_show_the_checkers_verdict_the_self_score_and_the_prompt():
+    from srum.shapeworld.callback import grid_caption
+    from srum.shapeworld.world import Obj, Scene, render
+
+    prompt = "two red squares left of a green circle"
+    drawn = render(Scene((Obj("red", "square", (0, 0)), Obj("red", "square", (1, 0)), Obj("green", "circle", (0, 2)))))
+    assert grid_caption(drawn, prompt, 0.25) == "PASS self=+0.25\ntwo red squares left of\na green circle"
+    assert grid_caption(drawn, "a red square", None).startswith("fail self=-\n")

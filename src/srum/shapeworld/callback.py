@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,20 @@ from lightning.pytorch.trainer.states import TrainerFn
 from srum.io.jsonl import write_json
 from srum.model.checkpoint import checkpoint_folder, weights_file
 from srum.shapeworld.benchmark import SUMMARY_VERSION, BenchmarkConfig, first_images, run_benchmark, settings_of
-from srum.shapeworld.report import write_report
+from srum.shapeworld.checker import score
+from srum.shapeworld.report import GRID_CELL, write_report
+from srum.shapeworld.world import parse_spec
 
 Panel = tuple[list[torch.Tensor], list[torch.Tensor], list[str]]
 """Grid images (H, W, 3) uint8, their self-reward maps and captions."""
+
+
+def grid_caption(image: torch.Tensor, prompt: str, self_score: float | None) -> str:
+    """What a reader needs under a grid image: the checker's verdict, the self-score and the prompt (wrapped
+    to the cell)."""
+    verdict = "PASS" if score(image, parse_spec(prompt)).passed else "fail"
+    shown = "-" if self_score is None else f"{self_score:+.2f}"
+    return "\n".join([f"{verdict} self={shown}", *textwrap.wrap(prompt, GRID_CELL // 6)])
 
 
 class ShapeWorldBenchmark(L.Callback):
@@ -53,10 +64,10 @@ class ShapeWorldBenchmark(L.Callback):
         with torch.no_grad():
             records = module.scorer.score(images, texts, [f"{name}_{i}.png" for i in range(len(images))])
         kind = module.scoring.score_kind
-        scores = [r.global_scores.get(kind) for r in records]
         self.summaries[name] = summary
         self.panels[name] = (images, [m.cpu() for m in module.reward_maps(records)],
-                             ["g=-" if g is None else f"g={g:+.2f}" for g in scores])
+                             [grid_caption(image, text, record.global_scores.get(kind))
+                              for image, text, record in zip(images, texts, records, strict=True)])
         module.model.train(training)
 
     def _cache_key(self, module: Any) -> str:

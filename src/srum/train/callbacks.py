@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw
 
 from srum.model.autoencoder import to_uint8_images
 
-CAPTION_HEIGHT = 28
+LINE_HEIGHT = 12
+"""Pixels per caption line (PIL's default font is 11 px tall)."""
 
 
 def overlay(image: torch.Tensor, reward_map: torch.Tensor) -> torch.Tensor:
@@ -28,10 +29,12 @@ def overlay(image: torch.Tensor, reward_map: torch.Tensor) -> torch.Tensor:
 
 
 def reward_grid(images: list[torch.Tensor], reward_maps: list[torch.Tensor], captions: list[str]) -> Image.Image:
-    """Candidates in a row over their overlays, each with its caption (scores) underneath."""
+    """Candidates in a row over their overlays, each with its caption (scores; lines split at newlines)
+    underneath."""
     height = max(image.shape[0] for image in images)
     width = max(image.shape[1] for image in images)
-    grid = Image.new("RGB", (width * len(images), 2 * height + CAPTION_HEIGHT), "white")
+    caption_height = LINE_HEIGHT * max(caption.count("\n") + 1 for caption in captions) + 4
+    grid = Image.new("RGB", (width * len(images), 2 * height + caption_height), "white")
     draw = ImageDraw.Draw(grid)
     for column, (image, reward_map, caption) in enumerate(zip(images, reward_maps, captions, strict=True)):
         grid.paste(Image.fromarray(image.numpy()), (column * width, 0))
