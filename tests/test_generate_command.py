@@ -351,3 +351,32 @@ def test_question_ids_that_cannot_name_a_file_are_refused(tmp_path, question_id)
     path.write_text(json.dumps([{"Question": "a cat", "Category": "color", "Question_id": question_id}], indent=2))
     with pytest.raises(ValueError, match=rf"{path}:2: Question_id: expected an integer or a name"):
         read_prompts(path)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--height", "-16"), "--height: expected a positive number, got -16"),
+    (("--batch_size", "0"), "--batch_size: expected a positive number, got 0"),
+    (("--images_per_prompt", "0"), "--images_per_prompt: expected a positive number, got 0"),
+])
+def test_sizes_and_counts_below_one_are_refused(checkpoint, prompt_file, tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=f"srum: error: {message}"):
+        _generate(checkpoint, prompt_file, tmp_path / "out", *flags)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_and_left_alone(checkpoint, prompt_file, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("mine\n")
+    with pytest.raises(SystemExit, match=f"srum: error: {out}: --out: expected an output folder"):
+        _generate(checkpoint, prompt_file, out)
+    assert out.read_text() == "mine\n"
+
+
+def test_a_config_value_of_the_wrong_type_names_file_and_field(checkpoint, prompt_file, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    config = json.loads((broken / "llm_config.json").read_text())
+    (broken / "llm_config.json").write_text(json.dumps({**config, "hidden_size": "wide"}))
+    with pytest.raises(SystemExit, match=f"srum: error: {broken}/llm_config.json: hidden_size: expected int, "
+                                         f"got 'wide'"):
+        _generate(broken, prompt_file, tmp_path / "out")

@@ -98,6 +98,8 @@ def test_repair_cuts_only_a_torn_last_line(tmp_path):
 class _Scorer:
     """Stands in for ``SelfScorer``: one record per image, and the names it was asked about."""
 
+    settings = {"method": "stand-in"}
+
     def __init__(self) -> None:
         self.asked: list[str] = []
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -209,3 +210,41 @@ def test_a_model_taught_to_decompose_writes_its_questions(checkpoint):
     decomposer = ModelDecomposer(pipeline, DEFAULT_INSTRUCTIONS, max_new_tokens=40)
     assert decomposer.questions([prompt, prompt]) == [["Is there a red cube?", "Is the cube left of the ball?"]] * 2
     assert list(decomposer.cache) == [prompt]
+
+
+def test_score_refuses_another_checkpoint_other_settings_and_unreadable_lines(checkpoint, tmp_path):
+    rollouts = _rollouts(checkpoint, tmp_path)
+    out = tmp_path / "scores.jsonl"
+
+    def score(folder, *extra):
+        main(["score", "--checkpoint", str(folder), "--rollouts", str(rollouts), "--out", str(out), "--proposer",
+              "grid", "--method", "expected", "--device", "cpu", *extra])
+
+    score(checkpoint, "--max_regions", "2")
+    (record, _) = load_records(out).records
+    assert record.scorer["checkpoint"] == str(checkpoint.resolve()) and record.scorer["max_regions"] == 2
+    written = out.read_bytes()
+    out.unlink()
+    score(checkpoint, "--max_regions", "2")
+    assert out.read_bytes() == written  # the settings recorded do not depend on what was written before
+    other = tmp_path / "other"
+    shutil.copytree(checkpoint, other)
+    with pytest.raises(SystemExit, match=r"scores.jsonl: record 1 \(1_0.png\): scorer: expected the settings of "
+                                         r"this run, got other checkpoint; use another --out"):
+        score(other, "--max_regions", "2")
+    with pytest.raises(SystemExit, match="got other max_regions; use another --out"):
+        score(checkpoint, "--max_regions", "3")
+    out.write_bytes(written + b"not json\n")
+    with pytest.raises(SystemExit, match=r"scores.jsonl:3: not valid JSON"):
+        score(checkpoint, "--max_regions", "2")
+    assert out.read_bytes() == written + b"not json\n"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_an_image_that_cannot_be_decoded_is_named(checkpoint, tmp_path, damage):
+    rollouts = _rollouts(checkpoint, tmp_path)
+    image = rollouts / "2_0.png"
+    image.write_bytes(image.read_bytes()[:60] if damage == "truncated" else b"not a png")
+    with pytest.raises(SystemExit, match=f"srum: error: {image}: expected a readable image file"):
+        main(["score", "--checkpoint", str(checkpoint), "--rollouts", str(rollouts), "--out",
+              str(tmp_path / "s.jsonl"), "--method", "expected", "--device", "cpu"])

@@ -281,6 +281,20 @@ def test_lora_trains_adapters_only_and_export_merges_them(tiny, tmp_path):
     torch.testing.assert_close(merged[f"{layer}.weight"], start[f"{layer}.weight"] + 2.0 * b @ a)
     assert torch.equal(merged[f"{layer}.bias"], start[f"{layer}.bias"])
 
+    with pytest.raises(SystemExit, match="ckpt_path: the checkpoint was written by a LoRA run"):
+        main(_fit_args(tiny, tmp_path / "plain", 3, "--ckpt_path", str(checkpoint)))
+
+
+@pytest.mark.parametrize(("content", "why"), [(b"hello\n", "truncated or foreign"), (None, "truncated or foreign")])
+def test_a_checkpoint_lightning_cannot_load_is_refused_in_one_line(tiny, tmp_path, content, why):
+    path = tmp_path / "resume.ckpt"
+    path.write_bytes(content if content is not None else (tiny["checkpoint"] / "ema.safetensors").read_bytes()[:999])
+    with pytest.raises(SystemExit, match=f"srum: error: {path}: ckpt_path: .*{why}"):
+        main(_fit_args(tiny, tmp_path / "run", 1, "--ckpt_path", str(path)))
+    with pytest.raises(SystemExit, match=f"srum: error: {path}: expected a checkpoint written by torch.save"):
+        main(["export", "--ckpt", str(path), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
 
 def test_validate_reports_the_self_reward_of_fresh_rollouts(tiny, tmp_path, capsys):
     args = _fit_args(tiny, tmp_path, 1, "--trainer.limit_val_batches", "1")

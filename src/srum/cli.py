@@ -20,7 +20,7 @@ from srum.generation.writer import generate_to_folder
 from srum.model.attention import Backend
 from srum.model.autoencoder import build_autoencoder
 from srum.model.build import build_on_meta, build_random, count_parameters
-from srum.model.checkpoint import read_config, save_checkpoint
+from srum.model.checkpoint import checkpoint_folder, read_config, save_checkpoint
 from srum.model.config import BagelConfig
 from srum.model.overfit import overfit
 from srum.model.packing import pack
@@ -203,7 +203,8 @@ def score(checkpoint: Path, rollouts: Path, out: Path, proposer: Literal["compon
     config = ScorerConfig(method=method, global_kind=global_kind, think=think,
                           max_new_tokens_global=max_new_tokens_global, max_new_tokens_regions=max_new_tokens_regions)
     templates = read_instructions(instructions) if instructions else DEFAULT_INSTRUCTIONS
-    written = score_rollouts(SelfScorer(pipeline, region_proposer, config, templates), rollouts, out, batch_size)
+    written = score_rollouts(SelfScorer(pipeline, region_proposer, config, templates), rollouts, out, batch_size,
+                             made_by={"checkpoint": str(checkpoint_folder(checkpoint).resolve())})
     log.info("wrote %d reward records to %s", written, out)
 
 

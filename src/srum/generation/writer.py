@@ -72,6 +72,12 @@ def generate_to_folder(pipeline: Pipeline, prompts: list[Prompt], out: Path, sam
     """Generate what is missing in ``out``; returns the number of images written by this call.
 
     ``extra_settings`` (such as the checkpoint) are recorded and locked with the sampler settings."""
+    for name, value in (("batch_size", batch_size), ("images_per_prompt", images_per_prompt), ("height", height),
+                        ("width", width)):
+        if value < 1:
+            raise ValueError(f"--{name}: expected a positive number, got {value}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: --out: expected an output folder, got an existing file")
     out.mkdir(parents=True, exist_ok=True)
     with exclusive(out):
         return _generate_missing(pipeline, prompts, out, sampler, images_per_prompt, seed, batch_size, height, width,

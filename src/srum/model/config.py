@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -263,8 +264,25 @@ def _pick(cls: type, data: dict[str, Any], source: str, required: tuple[str, ...
     missing = [name for name in required if name not in data]
     if missing:
         raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {key: value for key, value in data.items() if key in names}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    picked = {key: value for key, value in data.items() if key in defaults}
+    for key, value in picked.items():
+        if not _same_kind(defaults[key], value):
+            raise ValueError(f"{source}: {key}: expected {type(defaults[key]).__name__}, got {value!r}")
+    return picked
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    """Whether a JSON value can stand for a field with this default (fields without a scalar default pass)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return True
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -138,7 +138,8 @@ class _Reader:
 
     def size(self, data: dict, name: str) -> int:
         value = data.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value != int(value) or value < 1):
             raise self.fail(f"{name}: expected a positive integer, got {value!r}")
         return int(value)
 
@@ -183,8 +184,9 @@ def _official(data: dict, reader: _Reader) -> RewardRecord:
         raise reader.fail(f"vlm_rewards: expected a global entry (object {GLOBAL_OBJECT!r}) giving the image size")
     first = global_entries[0]
     frame = reader.box(first.get("bbox"), "vlm_rewards[0].bbox")
-    if frame[0] != 0 or frame[1] != 0:
-        raise reader.fail(f"vlm_rewards[0].bbox: expected [0, 0, W, H], got {first.get('bbox')!r}")
+    if frame[0] != 0 or frame[1] != 0 or frame[2] != int(frame[2]) or frame[3] != int(frame[3]):
+        raise reader.fail(f"vlm_rewards[0].bbox: expected [0, 0, W, H] with whole pixel sizes, got "
+                          f"{first.get('bbox')!r}")
     width, height = int(frame[2]), int(frame[3])
     g = reader.score(first.get("score"), "vlm_rewards[0].score", required=True)
     regions = []

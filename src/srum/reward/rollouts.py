@@ -6,6 +6,7 @@ Resumable: images already in the output are skipped; each record is appended wit
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,22 +23,46 @@ log = logging.getLogger(__name__)
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """An image file as uint8 (H, W, 3)."""
-    with Image.open(path) as image:
-        return torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+    """An image file as uint8 (H, W, 3); a file that is not a whole image is a one-line error naming it."""
+    try:
+        with Image.open(path) as image:
+            return torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as error:  # PIL raises these for truncated or foreign files
+        raise ValueError(f"{path}: expected a readable image file, got one that cannot be decoded ({error})") from None
 
 
-def score_rollouts(scorer: SelfScorer, rollouts: Path, out: Path, batch_size: int = 4) -> int:
-    """Score what is missing in ``out``; returns the number of records written by this call."""
+def score_rollouts(scorer: SelfScorer, rollouts: Path, out: Path, batch_size: int = 4,
+                   made_by: dict | None = None) -> int:
+    """Score what is missing in ``out``; returns the number of records written by this call. ``made_by`` (such
+    as the checkpoint) is recorded in each record's ``scorer`` with the scorer's settings; records already in
+    ``out`` must carry the same, or nothing is written."""
+    if batch_size < 1:
+        raise ValueError(f"--batch_size: expected a positive number, got {batch_size}")
+    if out.is_dir():
+        raise ValueError(f"{out}: --out: expected a reward-record file, got a folder")
     generated_records(rollouts)  # refused before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(out):
-        return _score_missing(scorer, rollouts, out, batch_size)
+        return _score_missing(scorer, rollouts, out, batch_size, {**scorer.settings, **(made_by or {})})
 
 
-def _score_missing(scorer: SelfScorer, rollouts: Path, out: Path, batch_size: int) -> int:
+def _check_settings(out: Path, records: list[RewardRecord], settings: dict) -> None:
+    for number, record in enumerate(records, 1):
+        recorded = {key: value for key, value in record.scorer.items() if key != "seen_frame"}
+        if recorded != settings:
+            changed = sorted(key for key in recorded.keys() | settings.keys()
+                             if recorded.get(key) != settings.get(key))
+            raise ValueError(f"{out}: record {number} ({record.image_file}): scorer: expected the settings of this "
+                             f"run, got other {', '.join(changed)}; use another --out")
+
+
+def _score_missing(scorer: SelfScorer, rollouts: Path, out: Path, batch_size: int, settings: dict) -> int:
     repair_torn_tail(out)
-    done = {r.image_file for r in load_records(out, strict=False).records} if out.exists() else set()
+    existing = load_records(out).records if out.exists() else []  # an unreadable line is an error, not skipped
+    _check_settings(out, existing, settings)
+    done = {r.image_file for r in existing}
     todo = pending_images(rollouts, done)
     log.info("%d images to score (%d already in %s)", len(todo), len(done), out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +72,7 @@ def _score_missing(scorer: SelfScorer, rollouts: Path, out: Path, batch_size: in
         records = scorer.score(images, [r["prompt"] for r in batch], [r["image_file"] for r in batch],
                                [r.get("prompt_id") for r in batch])
         for record in records:
-            append_record(out, record)
+            append_record(out, replace(record, scorer={**record.scorer, **settings}))
         log.info("%d / %d", min(start + batch_size, len(todo)), len(todo))
     return len(todo)
 

@@ -111,6 +111,13 @@ class SelfScorer:
         self.candidates = score_candidates(self.config.score_step)
         self.candidate_values = torch.tensor([parse_number(c) for c in self.candidates])
 
+    @property
+    def settings(self) -> dict:
+        """What decides a score besides the weights: recorded with every record (with the frame the image was
+        seen at), so scores made another way are never mixed into one file."""
+        return {**asdict(self.config), "instructions": self.instructions.version,
+                "proposer": type(self.proposer).__name__, "max_regions": self.proposer.max_regions}
+
     def _global_instruction(self, prompt: str) -> str:
         if self.config.global_kind == "sample":
             return self.instructions.sample_instruction(prompt)
@@ -215,7 +222,6 @@ class SelfScorer:
                 image_file=image_files[index], good_image_file=image_files[index], prompt=prompts[index],
                 width=width, height=height, global_scores=Scores(text_global[index], expected_global[index]),
                 regions=tuple(entries), prompt_id=prompt_ids[index],
-                scorer={**asdict(config), "instructions": self.instructions.version,
-                        "proposer": type(self.proposer).__name__, "seen_frame": list(frames[index])},
+                scorer={**self.settings, "seen_frame": list(frames[index])},
                 answers=answers[index]))
         return records

@@ -4,6 +4,8 @@ LightningCLI, configured by YAML files in ``configs/``."""
 from __future__ import annotations
 
 import warnings
+import zipfile
+from pathlib import Path
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -29,6 +31,30 @@ class SRUMCLI(LightningCLI):
                 isinstance(c, ProgressBar) for c in (callbacks if isinstance(callbacks, list) else [callbacks])):
             kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), RichProgressBar()]
         return super().instantiate_trainer(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI loads --ckpt_path here, while parsing, before any hook: check it first
+        if self.config.get("subcommand"):
+            check_resume_path(self.config[self.config.subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
+
+def check_resume_path(path: str | None) -> None:
+    """Refuse a ``--ckpt_path`` Lightning could not load, in one line and before anything starts: a missing path,
+    a file that is not a whole ``torch.save`` archive (truncated or foreign), a sharded folder without its
+    metadata. Special names (``last``, ``best``, ``hpc``) are Lightning's to resolve."""
+    if path is None or path in ("last", "best", "hpc", "registry"):
+        return
+    checkpoint = Path(path)
+    if checkpoint.is_dir():
+        if not (checkpoint / ".metadata").is_file():
+            raise ValueError(f"{checkpoint}: ckpt_path: expected a sharded checkpoint folder with its .metadata, "
+                             f"got a folder without it (a save cut short?)")
+    elif not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint}: ckpt_path: no such checkpoint file or folder")
+    elif not zipfile.is_zipfile(checkpoint):
+        raise ValueError(f"{checkpoint}: ckpt_path: expected a checkpoint written by torch.save (a Lightning "
+                         f".ckpt), got a truncated or foreign file")
 
 
 EXPECTED_WARNINGS = (

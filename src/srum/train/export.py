@@ -29,6 +29,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "added_tokens.json")
 
 
+def load_torch_file(path: Path) -> dict:
+    """A ``torch.save`` file loaded with ``weights_only=True``; a truncated or foreign file is a one-line error."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch.load raises many kinds (unpickling, zip, EOF, key) for a file it cannot read
+        raise ValueError(f"{path}: expected a checkpoint written by torch.save (a Lightning .ckpt), got a file "
+                         f"that cannot be loaded ({type(error).__name__})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a checkpoint dict, got {type(loaded).__name__}")
+    return loaded
+
+
 def read_training_checkpoint(path: Path) -> dict:
     """A Lightning checkpoint as a plain dict, from a ``.ckpt`` file or a sharded (distributed) folder; loaded
     with ``weights_only=True``."""
@@ -38,14 +52,17 @@ def read_training_checkpoint(path: Path) -> dict:
         with tempfile.TemporaryDirectory() as folder:
             single = Path(folder) / "checkpoint.pt"
             dcp_to_torch_save(path, single)
-            checkpoint = torch.load(single, map_location="cpu", weights_only=True)
+            checkpoint = load_torch_file(single)
         meta = path / "meta.pt"
         if meta.is_file():
-            checkpoint.update(torch.load(meta, map_location="cpu", weights_only=True))
+            checkpoint.update(load_torch_file(meta))
         return checkpoint
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_torch_file(path)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: state_dict: expected a Lightning checkpoint of srum fit, found no state_dict")
+    return checkpoint
 
 
 def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:

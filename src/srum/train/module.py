@@ -430,6 +430,11 @@ class SRUMModule(L.LightningModule):
             checkpoint["srum"]["lora_scale"] = self.lora.alpha / self.lora.rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.skipped_steps = int(checkpoint.get("srum", {}).get("skipped_steps", 0))
+        saved = checkpoint.get("srum", {})
+        if ("lora_scale" in saved) != (self.lora is not None):
+            made, run = ("a LoRA run", "without") if "lora_scale" in saved else ("a run without LoRA", "with")
+            raise ValueError(f"ckpt_path: the checkpoint was written by {made}; expected the same model.lora "
+                             f"setting, got a run {run} it")
+        self.skipped_steps = int(saved.get("skipped_steps", 0))
 
 
