@@ -17,6 +17,7 @@ from srum.generation.writer import RECORDS
 from srum.io.jsonl import append_jsonl, read_jsonl, repair_torn_tail
 from srum.reward.records import RewardRecord, Scores, load_records
 from srum.reward.rollouts import score_rollouts
+from srum.reward.scorer import ScorerConfig
 
 REWARD = {"bad_image_file": "a.png", "good_image_file": "a.png", "prompt": "a red cube",
           "vlm_rewards": [{"object": "global_layout_reward", "bbox": [0, 0, 64, 48], "score": 0.5}]}
@@ -99,6 +100,7 @@ class _Scorer:
     """Stands in for ``SelfScorer``: one record per image, and the names it was asked about."""
 
     settings = {"method": "stand-in"}
+    config = ScorerConfig(method="both")
 
     def __init__(self) -> None:
         self.asked: list[str] = []
@@ -117,11 +119,11 @@ def test_score_resumes_after_a_torn_record_and_leaves_the_rollouts_file(tmp_path
         _png(rollouts / entry["image_file"])
     rollouts_data = _without_final_newline(rollouts / RECORDS, *entries)  # a hand-made folder: no final newline
     out, scorer = tmp_path / "scores.jsonl", _Scorer()
-    assert score_rollouts(scorer, rollouts, out) == 3 and scorer.asked == ["0_0.png", "1_0.png", "2_0.png"]
+    assert score_rollouts(scorer, rollouts, out).written == 3 and scorer.asked == ["0_0.png", "1_0.png", "2_0.png"]
 
     lines = out.read_text().splitlines()  # a run killed while appending the third record
     out.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:20])
-    assert score_rollouts(scorer, rollouts, out) == 1 and scorer.asked[3:] == ["2_0.png"]
+    assert score_rollouts(scorer, rollouts, out).written == 1 and scorer.asked[3:] == ["2_0.png"]
     assert out.read_text().splitlines() == lines
     assert (rollouts / RECORDS).read_bytes() == rollouts_data
 

@@ -71,9 +71,14 @@ def test_score_command_writes_valid_resumable_records(checkpoint, tmp_path, capl
     command = ["score", "--checkpoint", str(checkpoint), "--rollouts", str(rollouts), "--out", str(out),
                "--proposer", "grid", "--max_new_tokens_global", "4", "--max_new_tokens_regions", "8",
                "--device", "cpu"]
-    main(command)
+    with caplog.at_level("INFO", logger="srum"):
+        main(command)
     records = load_records(out, image_dir=rollouts).records
     assert [r.image_file for r in records] == ["1_0.png", "2_0.png"]
+    missing = sum(s.get(kind) is None for r in records for s in [r.global_scores, *(g.scores for g in r.regions)]
+                  for kind in ("text", "expected"))  # a random tiny model's free text rarely holds a score
+    summary = f"wrote 2 reward records ({missing} scores unparsed or missing, 0 clamped to [-1, 1]) to {out}"
+    assert summary in caplog.text
     for record in records:
         assert (record.width, record.height) == (24, 16) and len(record.regions) == 4
         assert all(r.scores.expected is not None and -1 <= r.scores.expected <= 1 for r in record.regions)

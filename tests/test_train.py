@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file, save_file
 
 from srum.cli import main
@@ -144,13 +145,17 @@ def test_non_finite_steps_are_skipped_and_training_goes_on(tiny, tmp_path, monke
         return (loss * float("nan"), terms) if len(calls) == 1 else (loss, terms)
 
     monkeypatch.setattr(module.objective, "step", first_call_nan)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", default_root_dir=tmp_path, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
-                        callbacks=[RewardGridCallback(every_n_steps=1)])
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", default_root_dir=tmp_path, log_every_n_steps=1,
+                        logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, callbacks=[RewardGridCallback(every_n_steps=1)])
     trainer.fit(module, SRUMDataModule(prompts=tiny["prompts"], batch_size=2))
     assert module.skipped_steps == 1 and len(calls) == 3 and trainer.global_step == 2
+    with (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").open() as file:
+        logged = [row for row in csv.DictReader(file) if row["train/loss"]]
+    assert [math.isfinite(float(row["train/loss"])) for row in logged] == [False, True, True]
+    assert math.isnan(float(logged[0]["train/grad_norm"]))  # the skipped update's own, not the one before
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
-    grids = sorted(path.name for path in (tmp_path / "grids").iterdir())  # one per batch, named by optimizer step
+    grids = sorted(path.name for path in tmp_path.glob("**/grids/*.png"))  # one per batch, by optimizer step
     assert grids == ["step_0000000.png", "step_0000001.png", "step_0000002.png"]
 
 

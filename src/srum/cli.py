@@ -205,7 +205,7 @@ def score(checkpoint: Path, rollouts: Path, out: Path, proposer: Literal["compon
     templates = read_instructions(instructions) if instructions else DEFAULT_INSTRUCTIONS
     written = score_rollouts(SelfScorer(pipeline, region_proposer, config, templates), rollouts, out, batch_size,
                              made_by={"checkpoint": str(checkpoint_folder(checkpoint).resolve())})
-    log.info("wrote %d reward records to %s", written, out)
+    log.info("wrote %s to %s", written, out)
 
 
 def export(ckpt: Path, out: Path, weights: Literal["model", "ema"] = "model", base: Path | None = None,

@@ -6,7 +6,7 @@ Resumable: images already in the output are skipped; each record is appended wit
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +33,32 @@ def read_image(path: Path) -> torch.Tensor:
         raise ValueError(f"{path}: expected a readable image file, got one that cannot be decoded ({error})") from None
 
 
+@dataclass
+class ScoreSummary:
+    """What one ``srum score`` call wrote, and what in it is not a plain score."""
+
+    written: int = 0
+    missing: int = 0
+    """Scores of the computed kinds that the scorer could not read (unparsed answers, regions left out)."""
+    clamped: int = 0
+    """Written scores outside [-1, 1], clamped."""
+
+    def add(self, record: RewardRecord, kinds: tuple[str, ...]) -> None:
+        scores = [record.global_scores, *(region.scores for region in record.regions)]
+        self.written += 1
+        self.missing += sum(s.get(kind) is None for s in scores for kind in kinds)
+        self.clamped += record.clamped
+
+    def __str__(self) -> str:
+        return (f"{self.written} reward records ({self.missing} scores unparsed or missing, {self.clamped} "
+                f"clamped to [-1, 1])")
+
+
 def score_rollouts(scorer: SelfScorer, rollouts: Path, out: Path, batch_size: int = 4,
-                   made_by: dict | None = None) -> int:
-    """Score what is missing in ``out``; returns the number of records written by this call. ``made_by`` (such
-    as the checkpoint) is recorded in each record's ``scorer`` with the scorer's settings; records already in
-    ``out`` must carry the same, or nothing is written."""
+                   made_by: dict | None = None) -> ScoreSummary:
+    """Score what is missing in ``out``; returns what this call wrote. ``made_by`` (such as the checkpoint) is
+    recorded in each record's ``scorer`` with the scorer's settings; records already in ``out`` must carry the
+    same, or nothing is written."""
     if batch_size < 1:
         raise ValueError(f"--batch_size: expected a positive number, got {batch_size}")
     if out.is_dir():
@@ -58,14 +79,16 @@ def _check_settings(out: Path, records: list[RewardRecord], settings: dict) -> N
                              f"run, got other {', '.join(changed)}; use another --out")
 
 
-def _score_missing(scorer: SelfScorer, rollouts: Path, out: Path, batch_size: int, settings: dict) -> int:
+def _score_missing(scorer: SelfScorer, rollouts: Path, out: Path, batch_size: int, settings: dict) -> ScoreSummary:
     repair_torn_tail(out)
     existing = load_records(out).records if out.exists() else []  # an unreadable line is an error, not skipped
     _check_settings(out, existing, settings)
     done = {r.image_file for r in existing}
     todo = pending_images(rollouts, done)
     log.info("%d images to score (%d already in %s)", len(todo), len(done), out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = ScoreSummary()
+    method = scorer.config.method
+    kinds = ("text", "expected") if method == "both" else (method,)
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         images = [read_image(rollouts / record["image_file"]) for record in batch]
@@ -73,8 +96,9 @@ def _score_missing(scorer: SelfScorer, rollouts: Path, out: Path, batch_size: in
                                [r.get("prompt_id") for r in batch])
         for record in records:
             append_record(out, replace(record, scorer={**record.scorer, **settings}))
+            summary.add(record, kinds)
         log.info("%d / %d", min(start + batch_size, len(todo)), len(todo))
-    return len(todo)
+    return summary
 
 
 def read_record_image(folder: Path, record: RewardRecord) -> torch.Tensor:

@@ -178,9 +178,11 @@ class SelfScorer:
         text_global: list[float | None] = [None] * len(images)
         text_regions: list[dict[int, tuple[str, float]]] = [{} for _ in images]
         answers: list[dict[str, str]] = [{} for _ in images]
+        clamped = [0] * len(images)  # written numbers outside [-1, 1], clamped by the parser
         if config.method in ("text", "both"):
             for index, raw in enumerate(self._answers(pixels, global_questions, config.max_new_tokens_global)):
-                text_global[index] = parse_score_answer(raw).score
+                parsed_global = parse_score_answer(raw)
+                text_global[index], clamped[index] = parsed_global.score, int(parsed_global.status == "clamped")
                 answers[index]["global"] = raw
             with_regions = [i for i, boxes in enumerate(seen_boxes) if boxes]
             region_questions = [self.instructions.region_instruction(prompts[i], seen_boxes[i], frames[i][1],
@@ -189,6 +191,7 @@ class SelfScorer:
             for index, raw in zip(with_regions, raws, strict=True):
                 parsed = parse_region_answer(raw, range(1, len(seen_boxes[index]) + 1))
                 text_regions[index] = {r.region_id: (r.object, r.score) for r in parsed.regions}
+                clamped[index] += sum(r.clamped for r in parsed.regions)
                 answers[index]["regions"] = raw
 
         expected_global: list[float | None] = [None] * len(images)
@@ -223,5 +226,5 @@ class SelfScorer:
                 width=width, height=height, global_scores=Scores(text_global[index], expected_global[index]),
                 regions=tuple(entries), prompt_id=prompt_ids[index],
                 scorer={**self.settings, "seen_frame": list(frames[index])},
-                answers=answers[index]))
+                answers=answers[index], clamped=clamped[index]))
         return records

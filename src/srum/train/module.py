@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,7 +340,7 @@ class SRUMModule(L.LightningModule):
             loss, terms = self.objective.step(policy, samples, update, self.manual_backward)
             if not bool(torch.isfinite(loss)):
                 optimizer.zero_grad(set_to_none=False)
-                self._skip(f"non-finite loss {float(loss)} at batch {index}")
+                self._skip(f"non-finite loss {float(loss)} at batch {index}", loss, loss.new_tensor(math.nan))
                 continue
             trained = [p for p in self.model.parameters() if p.requires_grad]
             for parameter in trained:
@@ -352,7 +353,7 @@ class SRUMModule(L.LightningModule):
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             if not bool(torch.isfinite(norm)):
                 optimizer.zero_grad(set_to_none=False)
-                self._skip(f"non-finite gradient norm at batch {index}")
+                self._skip(f"non-finite gradient norm at batch {index}", loss, norm)
                 continue
             optimizer.step()
             scheduler.step()
@@ -363,7 +364,10 @@ class SRUMModule(L.LightningModule):
         timing["update"] = time.perf_counter() - start
         self._log_step(samples, timing)
 
-    def _skip(self, reason: str) -> None:
+    def _skip(self, reason: str, loss: Tensor, norm: Tensor) -> None:
+        """Count a skipped update and log its own (non-finite) loss and gradient norm, so no logged row shows
+        the previous update's values as this one's."""
+        self.log_dict({"train/loss": loss.detach(), "train/grad_norm": norm.detach()}, sync_dist=True)
         self.skipped_steps += 1
         self._skipped_in_a_row += 1
         log.warning("skipped a step: %s (%d skipped so far)", reason, self.skipped_steps)
