@@ -76,7 +76,7 @@ def test_compbench_config_prints_and_runs_two_tiny_steps(tiny, capsys):
         main(["fit", "--config", str(REPO / "configs" / "compbench.yaml"), "--print_config"])
     assert done.value.code in (None, 0)
     printed = capsys.readouterr().out
-    assert "ModelParallelStrategy" in printed and "constraint_weight: 0.5" in printed and "lr: 2.0e-05" in printed
+    assert "ShardedCheckpointStrategy" in printed and "constraint_weight: 0.5" in printed and "lr: 2.0e-05" in printed
 
     root = tiny["root"] / "two-steps"
     main(_fit_args(tiny, root, 2))
@@ -337,3 +337,25 @@ def test_settings_that_would_train_the_wrong_way_are_refused(build, field):
 def test_an_ema_decay_above_one_is_refused(tiny):
     with pytest.raises(ValueError, match=r"ema_decay: expected a decay in \[0, 1\)"):
         SRUMModule(tiny["checkpoint"], ema_decay=1.5)
+
+
+def test_a_sharded_save_cut_short_never_takes_the_checkpoints_name(tmp_path, monkeypatch):
+    import lightning.pytorch.strategies.model_parallel as model_parallel
+
+    from srum.train.strategy import ShardedCheckpointStrategy
+
+    strategy = ShardedCheckpointStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    final = tmp_path / "step=2.ckpt"
+    strategy.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "optimizer_states": [], "epoch": 0}, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step=2.ckpt"] and (final / ".metadata").is_file()
+    whole = {p.name: p.read_bytes() for p in final.iterdir()}
+
+    def dies_while_writing(state, path):
+        (path / "__0_0.distcp").write_bytes(b"half")
+        raise KeyboardInterrupt  # the rank is gone
+
+    monkeypatch.setattr(model_parallel, "_distributed_checkpoint_save", dies_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        strategy.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "optimizer_states": [], "epoch": 1}, final)
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == whole  # the last whole save is untouched
+    assert (tmp_path / "step=2.ckpt.partial").is_dir()
