@@ -21,6 +21,7 @@ from srum.generation.prompts import read_prompts
 from srum.generation.sampler import SamplerConfig
 from srum.generation.text import DecodingConfig
 from srum.generation.writer import RECORDS, image_seed
+from srum.model.checkpoint import load_checkpoint
 
 HEIGHT, WIDTH = 16, 24
 IMAGES_PER_PROMPT = 2
@@ -380,3 +381,11 @@ def test_a_config_value_of_the_wrong_type_names_file_and_field(checkpoint, promp
     with pytest.raises(SystemExit, match=f"srum: error: {broken}/llm_config.json: hidden_size: expected int, "
                                          f"got 'wide'"):
         _generate(broken, prompt_file, tmp_path / "out")
+
+
+def test_the_default_size_is_the_largest_the_checkpoint_draws(checkpoint, prompt_file, tmp_path):
+    config = load_checkpoint(checkpoint).config
+    side = config.max_latent_size * config.latent_downsample
+    main(["generate", "--checkpoint", str(checkpoint), "--prompts", str(prompt_file), "--out", str(tmp_path / "out"),
+          "--device", "cpu", *SAMPLER_FLAGS])
+    assert {Image.open(path).size for path in (tmp_path / "out").glob("*.png")} == {(side, side)}

@@ -124,7 +124,8 @@ def _device_and_dtype(device: str | None, dtype: Literal["auto", "float32", "bfl
 def generate(checkpoint: Path, prompts: Path, out: Path, steps: int = 50, cfg_text_scale: float = 4.0,
              cfg_img_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.4, 1.0), timestep_shift: float = 3.0,
              cfg_renorm_type: RenormType = "global", cfg_renorm_min: float = 0.0, images_per_prompt: int = 1,
-             seed: int = 42, batch_size: int = 4, height: int = 1024, width: int = 1024, think: bool = False,
+             seed: int = 42, batch_size: int = 4, height: int | None = None, width: int | None = None,
+             think: bool = False,
              max_think_tokens: int = 1000, device: str | None = None,
              dtype: Literal["auto", "float32", "bfloat16"] = "auto") -> None:
     """Generate images for a prompt file (one PNG and one JSONL record per image).
@@ -145,8 +146,8 @@ def generate(checkpoint: Path, prompts: Path, out: Path, steps: int = 50, cfg_te
         images_per_prompt: images per prompt, each with its own seed.
         seed: run seed; each image's seed derives from it, its prompt id and its index.
         batch_size: images generated together.
-        height: image height in pixels.
-        width: image width in pixels.
+        height: image height in pixels (default: the largest the checkpoint draws, 1024 for BAGEL-7B).
+        width: image width in pixels (default: the largest the checkpoint draws).
         think: plan in text before drawing.
         max_think_tokens: with think, tokens of each plan at most.
         device: cuda or cpu (default: cuda when available).
@@ -158,8 +159,10 @@ def generate(checkpoint: Path, prompts: Path, out: Path, steps: int = 50, cfg_te
                             cfg_renorm_min=cfg_renorm_min)
     prompt_list = read_prompts(prompts)
     pipeline = Pipeline.from_checkpoint(checkpoint, dtype=torch_dtype, device=device)
-    written = generate_to_folder(pipeline, prompt_list, out, sampler, images_per_prompt, seed, batch_size, height,
-                                 width, think, max_think_tokens)
+    largest = pipeline.model.config.max_latent_size * pipeline.model.config.latent_downsample
+    written = generate_to_folder(pipeline, prompt_list, out, sampler, images_per_prompt, seed, batch_size,
+                                 largest if height is None else height, largest if width is None else width, think,
+                                 max_think_tokens)
     log.info("wrote %d images to %s", written, out)
 
 

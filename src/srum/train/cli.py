@@ -3,6 +3,7 @@ LightningCLI, configured by YAML files in ``configs/``."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 import zipfile
 from pathlib import Path
@@ -67,10 +68,25 @@ EXPECTED_WARNINGS = (
 """Lightning warnings about what srum does deliberately: silenced so that what is left is worth reading."""
 
 
-def run_lightning(args: list[str] | None) -> LightningCLI:
-    """LightningCLI over ``args`` (None: the command line)."""
+ADVERTS = ("💡 Tip:",)
+"""Starts of Lightning's info lines that advertise services rather than describe the run: dropped."""
+
+
+def _no_adverts(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(ADVERTS)
+
+
+def _quiet_lightning() -> None:
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _no_adverts not in rank_zero.filters:
+        rank_zero.addFilter(_no_adverts)
+
+
+def run_lightning(args: list[str] | None) -> LightningCLI:
+    """LightningCLI over ``args`` (None: the command line)."""
+    _quiet_lightning()
     return SRUMCLI(SRUMModule, SRUMDataModule, args=args, save_config_kwargs={"overwrite": True},
                    parser_kwargs={"prog": "srum"})
 
@@ -78,6 +94,8 @@ def run_lightning(args: list[str] | None) -> LightningCLI:
 def run_pretrain(args: list[str]) -> LightningCLI:
     """``srum shapeworld pretrain [options]``: LightningCLI's fit over the ShapeWorld pretraining module."""
     from srum.shapeworld.pretrain import PretrainModule
+
+    _quiet_lightning()
 
     return SRUMCLI(PretrainModule, args=["fit", *args], save_config_kwargs={"overwrite": True},
                    parser_kwargs={"prog": "srum"})
