@@ -161,3 +161,4 @@ def test_generation_stops_at_generation_steps_while_understanding_trains_on(tmp_
     assert len(generation) > 10
     assert all(torch.equal(stopped[name], continued[name]) for name in generation)
     assert not all(torch.equal(stopped[name], continued[name]) for name in stopped if name not in generation)
+

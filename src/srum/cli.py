@@ -13,6 +13,7 @@ from jsonargparse import CLI
 from rich.console import Console
 from rich.table import Table
 
+from srum.generation.device import device_and_dtype
 from srum.generation.pipeline import Pipeline
 from srum.generation.prompts import read_prompts
 from srum.generation.sampler import RenormType, SamplerConfig
@@ -114,13 +115,6 @@ def model_overfit(preset: str = "tiny", samples: int = 6, steps: int = 40, lr: f
         raise SystemExit(f"the loss did not fall: {losses[0]:.4f} -> {losses[-1]:.4f}")
 
 
-def _device_and_dtype(device: str | None, dtype: Literal["auto", "float32", "bfloat16"]) -> tuple[str, torch.dtype]:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return device, getattr(torch, dtype)
-
-
 def generate(checkpoint: Path, prompts: Path, out: Path, steps: int = 50, cfg_text_scale: float = 4.0,
              cfg_img_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.4, 1.0), timestep_shift: float = 3.0,
              cfg_renorm_type: RenormType = "global", cfg_renorm_min: float = 0.0, images_per_prompt: int = 1,
@@ -153,7 +147,7 @@ def generate(checkpoint: Path, prompts: Path, out: Path, steps: int = 50, cfg_te
         device: cuda or cpu (default: cuda when available).
         dtype: weights dtype (auto: bfloat16 on GPU, float32 on CPU).
     """
-    device, torch_dtype = _device_and_dtype(device, dtype)
+    device, torch_dtype = device_and_dtype(device, dtype)
     sampler = SamplerConfig(num_timesteps=steps, timestep_shift=timestep_shift, cfg_text_scale=cfg_text_scale,
                             cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type,
                             cfg_renorm_min=cfg_renorm_min)
@@ -195,7 +189,7 @@ def score(checkpoint: Path, rollouts: Path, out: Path, proposer: Literal["compon
         device: cuda or cpu (default: cuda when available).
         dtype: weights dtype (auto: bfloat16 on GPU, float32 on CPU).
     """
-    device, torch_dtype = _device_and_dtype(device, dtype)
+    device, torch_dtype = device_and_dtype(device, dtype)
     options = {"max_regions": max_regions}
     if proposer == "sam":
         if sam_dir is None:

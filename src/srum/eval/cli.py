@@ -16,7 +16,6 @@ import torch
 from jsonargparse import CLI
 from rich.console import Console
 
-from srum.cli import _device_and_dtype
 from srum.eval import compbench as compbench_scores
 from srum.eval import understanding as understanding_scores
 from srum.eval.generate import (
@@ -31,6 +30,7 @@ from srum.eval.geneval import read_geneval, write_layout
 from srum.eval.judges import DEFAULT_JUDGE_CLASS, Judge, UnifiedJudge, VLMJudge, judge_model_class
 from srum.eval.judging import check_retries, judge_folder
 from srum.eval.report import comparison_table, make_report, read_report, report_tables, save_report
+from srum.generation.device import device_and_dtype
 from srum.generation.pipeline import Pipeline
 from srum.generation.prompts import read_prompts
 from srum.model.checkpoint import LLM_CONFIG, checkpoint_folder
@@ -132,7 +132,7 @@ def compbench(checkpoint: Path, out: Path, prompts: Path = Path("data/compbench/
     _check_judge(judge, judge_class)
     check_retries(judge_retries, retry_temperature)
     retry = (judge_retries, retry_temperature)
-    device, torch_dtype = _device_and_dtype(device, dtype)
+    device, torch_dtype = device_and_dtype(device, dtype)
     prompt_list = read_prompts(prompts)
     judgements_file = f"judgements-{_name(judge)}.jsonl"
     folders: dict[Path, Path] = {}
@@ -188,7 +188,7 @@ def geneval(checkpoint: Path, out: Path, metadata: Path = Path("data/geneval/eva
         device: cuda or cpu (default: cuda when available).
         dtype: weights dtype (auto: bfloat16 on GPU, float32 on CPU).
     """
-    device, torch_dtype = _device_and_dtype(device, dtype)
+    device, torch_dtype = device_and_dtype(device, dtype)
     prompts = read_geneval(metadata)
     folder = out / _name(checkpoint) / f"geneval-{generation.mode}"
     pipeline = Pipeline.from_checkpoint(checkpoint, dtype=torch_dtype, device=device)
@@ -232,7 +232,7 @@ def understanding(checkpoint: Path, questions: Path, out: Path,
         dtype: weights dtype (auto: bfloat16 on GPU, float32 on CPU).
     """
     _require_positive(batch_size=batch_size, max_new_tokens=max_new_tokens)
-    device, torch_dtype = _device_and_dtype(device, dtype)
+    device, torch_dtype = device_and_dtype(device, dtype)
     question_list = understanding_scores.read_questions(questions)
     ids = {question.question_id for question in question_list}
     reports = []

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +27,7 @@ from srum.model.autoencoder import build_autoencoder
 from srum.model.bagel import Bagel
 from srum.model.build import reset_buffers
 from srum.model.config import AEConfig, BagelConfig, LLMConfig, ViTConfig, read_json
+from srum.model.shipped import CheckpointError, checkpoint_folder
 
 LLM_CONFIG, VIT_CONFIG, SRUM_CONFIG = "llm_config.json", "vit_config.json", "srum_config.json"
 AE_WEIGHTS = "ae.safetensors"
@@ -37,27 +37,6 @@ RECOMPUTED = ("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed")
 
 WeightsChoice = Literal["auto", "ema", "model"]
 
-
-class CheckpointError(ValueError):
-    """A folder or file that is not a valid checkpoint; the message names the file and what was expected."""
-
-
-SHIPPED_PREFIX = "srum:"
-SHIPPED = {"shapeworld-base": ("srum.shapeworld", "base")}
-"""Checkpoints inside the package, by name: (package, folder)."""
-
-
-def checkpoint_folder(folder: str | Path) -> Path:
-    """A checkpoint folder path, or ``srum:<name>`` for one shipped in the package (``srum:shapeworld-base``)."""
-    text = str(folder)
-    if not text.startswith(SHIPPED_PREFIX):
-        return Path(folder)
-    name = text[len(SHIPPED_PREFIX):]
-    if name not in SHIPPED:
-        raise CheckpointError(f"{text}: no such shipped checkpoint; expected one of "
-                              f"{', '.join(SHIPPED_PREFIX + n for n in SHIPPED)}")
-    package, path = SHIPPED[name]
-    return Path(str(files(package) / path))
 
 
 @dataclass

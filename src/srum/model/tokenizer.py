@@ -23,6 +23,8 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from srum.model.shipped import checkpoint_folder
+
 BOS_TOKEN = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
 START_OF_IMAGE_TOKEN = "<|vision_start|>"
@@ -129,8 +131,6 @@ def load_tokenizer(folder: str | Path) -> LoadedTokenizer:
     Missing special tokens are added (as BAGEL does) and counted in ``num_added`` so the caller can resize the
     embeddings; the Qwen2.5 tokenizer already has all four, so nothing is added for an official checkpoint.
     """
-    from srum.model.checkpoint import checkpoint_folder  # checkpoint imports the model; keep this module light
-
     folder = checkpoint_folder(folder)
     if not _has_tokenizer_files(folder):
         raise FileNotFoundError(f"no tokenizer in {folder}: expected tokenizer.json or vocab.json + merges.txt")

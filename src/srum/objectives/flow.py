@@ -15,7 +15,7 @@ from torch import Tensor
 from srum.loss import LossConfig, dense_reward_flow_loss
 from srum.model.flow import logit_normal_timesteps
 from srum.model.packing import Text, VaeImage, pack
-from srum.objectives import Backward, Candidates, Policy
+from srum.objectives.base import Backward, Candidates, Policy
 from srum.objectives.groups import advantage_weights, group_advantages
 
 

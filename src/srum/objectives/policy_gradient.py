@@ -22,7 +22,7 @@ from torch import Tensor
 from srum.generation.sde import sde_step_mean, token_log_prob
 from srum.loss import LossConfig
 from srum.model.packing import Text, VaeImage, pack
-from srum.objectives import Backward, Candidates, Policy
+from srum.objectives.base import Backward, Candidates, Policy
 from srum.objectives.groups import group_advantages
 
 

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from srum.io.atomic import atomic_write
 from srum.io.jsonl import replace_text, write_json
-from srum.train.callbacks import reward_grid
+from srum.reward.grid import reward_grid
 
 
 def rows(summaries: dict[str, dict]) -> list[tuple[str, list[float]]]:

@@ -201,7 +201,9 @@ class SRUMModule(L.LightningModule):
         if self.device_mesh is not None:
             from srum.train.parallel import parallelize
 
-            parallelize(self, self.device_mesh)
+            precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+            parallelize(self.model, getattr(self, "reference", None), self.device_mesh,
+                        self.activation_checkpointing, precision)
         if self.ema_decay is not None:  # after sharding: the averages are sharded like the weights
             self.ema = torch.nn.ParameterDict({
                 name.replace(".", "/"): torch.nn.Parameter(p.detach().clone(), requires_grad=False)

@@ -7,8 +7,6 @@ own FSDP unit, so rollouts and scoring, which do not go through ``Bagel.forward`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
@@ -16,12 +14,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from srum.model.bagel import Bagel
 
-if TYPE_CHECKING:
-    from srum.train.module import SRUMModule
 
-
-def _mixed_precision(module: SRUMModule) -> MixedPrecisionPolicy | None:
-    precision = str(module.trainer.precision) if module._trainer is not None else "32-true"
+def _mixed_precision(precision: str) -> MixedPrecisionPolicy | None:
     if precision.startswith("bf16"):
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return None
@@ -66,10 +60,12 @@ def _initialise_root(model: Bagel) -> None:
     model(batch.to(device))
 
 
-def parallelize(module: SRUMModule, mesh: DeviceMesh) -> None:
-    """Shard the trained model (and the frozen reference copy) over the data-parallel mesh dimension."""
+def parallelize(model: Bagel, reference: Bagel | None, mesh: DeviceMesh, activation_checkpointing: bool,
+                precision: str) -> None:
+    """Shard the trained model (and the frozen reference copy) over the data-parallel mesh dimension;
+    ``precision`` is the trainer's (``bf16-mixed`` computes in bfloat16 and reduces in float32)."""
     data_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-    policy = _mixed_precision(module)
-    shard_model(module.model, data_mesh, module.activation_checkpointing, policy)
-    if getattr(module, "reference", None) is not None:
-        shard_model(module.reference, data_mesh, False, policy)
+    policy = _mixed_precision(precision)
+    shard_model(model, data_mesh, activation_checkpointing, policy)
+    if reference is not None:
+        shard_model(reference, data_mesh, False, policy)
