@@ -132,3 +132,32 @@ def test_gradients_reach_targets_and_maps_as_autograd_would(config):
                                      inputs)
         for got, want in zip(actual, expected, strict=True):
             torch.testing.assert_close(got, want, **TIGHT)
+
+
+@pytest.mark.parametrize("function", [reference_loss, vectorised_loss], ids=["reference", "torch"])
+def test_bf16_inputs_are_summed_in_float32(function):
+    """bf16 velocities, targets and maps: the loss is the float64 loss of the same (rounded) values to float32
+    precision, returned in float32, and the velocity's gradient comes back in bf16."""
+    grids, sizes = [(16, 16), (8, 12)], [(64, 64), (8, 12)]
+    velocity, target, constraint, maps = _batch(5, grids, sizes, channels=64)
+    half = [t.detach().bfloat16() for t in (velocity, target, constraint, *maps)]
+    exact = reference_loss(*(t.double() for t in half[:3]), [m.double() for m in half[3:]], grids, LossConfig())
+    velocity_bf16 = half[0].requires_grad_(True)
+    loss = function(velocity_bf16, half[1], half[2], half[3:], grids, LossConfig())
+    assert loss.dtype == torch.float32
+    assert float(loss) == pytest.approx(float(exact), rel=1e-6)
+    (gradient,) = torch.autograd.grad(loss, velocity_bf16)
+    assert gradient.dtype == torch.bfloat16
+
+
+def test_the_logged_reward_term_is_the_loss_without_its_constraint():
+    from srum.loss import reward_term
+
+    grids, sizes = RAGGED[0]
+    velocity, target, constraint, maps = _batch(9, grids, sizes)
+    for config in (LossConfig(), LossConfig(signed="hinge", margin=0.7)):
+        reward_only = LossConfig(constraint="none", signed=config.signed, margin=config.margin)
+        without = reference_loss(velocity, target, None, maps, grids, reward_only, num_tokens=20.0)
+        torch.testing.assert_close(reward_term(velocity, target, maps, grids, config, num_tokens=20.0),
+                                   without.detach(), **TIGHT)
+

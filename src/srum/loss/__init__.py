@@ -17,7 +17,7 @@ from torch import Tensor
 
 from srum.loss.config import LossConfig
 from srum.loss.reference import reference_loss
-from srum.loss.vectorised import vectorised_loss
+from srum.loss.vectorised import reward_term, vectorised_loss
 
 Impl = Literal["auto", "triton", "torch", "reference"]
 IMPLS = ("auto", "triton", "torch", "reference")
@@ -111,4 +111,4 @@ def dense_reward_flow_loss(velocity: Tensor, target: Tensor, constraint_target: 
     return function(velocity, target, constraint_target, reward_maps, grids, config, num_tokens)
 
 
-__all__ = ["Impl", "LossConfig", "dense_reward_flow_loss", "reference_loss", "vectorised_loss"]
+__all__ = ["Impl", "LossConfig", "dense_reward_flow_loss", "reference_loss", "reward_term", "vectorised_loss"]

@@ -54,6 +54,15 @@ def ragged_sample_points(in_sizes: list[tuple[int, int]], grids: list[tuple[int,
     return ys, xs, weights, torch.arange(most)[None, :] < lengths[:, None]
 
 
+@lru_cache(maxsize=256)
+def _sample_table(out_size: int, in_size: int, most: int) -> tuple[Tensor, Tensor]:
+    """Source pixels (most, 2) and weights (most, 2) of one axis, padded to ``most`` lines; cached, as training
+    meets the same few (grid, frame) pairs every step. Callers must not write into them."""
+    low, high, weight = source_coords(out_size, in_size)
+    pad = (0, 0, 0, most - out_size)
+    return F.pad(torch.stack([low, high], -1), pad), F.pad(torch.stack([1 - weight, weight], -1), pad)
+
+
 def ragged_separable_points(in_sizes: list[tuple[int, int]], grids: list[tuple[int, int]]
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The sample points of a batch as separate rows and columns: rows (B, R, 2) and columns (B, C, 2) int64
@@ -66,13 +75,8 @@ def ragged_separable_points(in_sizes: list[tuple[int, int]], grids: list[tuple[i
     distinct = sorted(set(keys))
     which = torch.tensor([distinct.index(key) for key in keys], dtype=torch.long)
 
-    def table(out_size: int, in_size: int, most: int) -> tuple[Tensor, Tensor]:
-        low, high, weight = source_coords(out_size, in_size)
-        pad = (0, 0, 0, most - out_size)
-        return F.pad(torch.stack([low, high], -1), pad), F.pad(torch.stack([1 - weight, weight], -1), pad)
-
-    row_tables = [table(grid[0], size[0], most_rows) for size, grid in distinct]
-    col_tables = [table(grid[1], size[1], most_cols) for size, grid in distinct]
+    row_tables = [_sample_table(grid[0], size[0], most_rows) for size, grid in distinct]
+    col_tables = [_sample_table(grid[1], size[1], most_cols) for size, grid in distinct]
     rows_px, row_w = (torch.stack([t[i] for t in row_tables])[which] for i in range(2))
     cols_px, col_w = (torch.stack([t[i] for t in col_tables])[which] for i in range(2))
     row_real = torch.arange(most_rows)[None, :] < torch.tensor([r for r, _ in grids])[:, None]

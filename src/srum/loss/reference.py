@@ -5,6 +5,7 @@ This is the ground truth every fast path is tested against (run it in float64 fo
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -24,6 +25,9 @@ def reference_loss(velocity: Tensor, target: Tensor, constraint_target: Tensor |
         the scalar loss ``sum_i w(r_i, e_i) / N + lambda * sum_i mean_c (v - constraint)^2 / N``.
     """
     normaliser = velocity.shape[0] if num_tokens is None else num_tokens
+    dtype = torch.float64 if velocity.dtype == torch.float64 else torch.float32  # bf16 inputs sum in float32
+    velocity, target = velocity.to(dtype), target.to(dtype)
+    constraint_target = None if constraint_target is None else constraint_target.to(dtype)
     total, start = velocity.new_zeros(()), 0
     for reward_map, (rows, cols) in zip(reward_maps, grids, strict=True):
         end = start + rows * cols

@@ -35,39 +35,79 @@ def _terms(velocity: Tensor, target: Tensor, constraint_target: Tensor | None, r
     return per_token + weight * pull.pow(2).mean(-1), d_reward, slope, diff, pull, weight
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What a loss sums in: float64 stays float64 (the references), everything else (bf16, fp16) in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _widened(velocity: Tensor, target: Tensor, constraint_target: Tensor | None
+             ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The inputs in the accumulation dtype, the constraint target still the target itself when it was."""
+    dtype = accumulation_dtype(velocity.dtype)
+    wide_target = target.to(dtype)
+    if constraint_target is target:
+        return velocity.to(dtype), wide_target, wide_target
+    return velocity.to(dtype), wide_target, None if constraint_target is None else constraint_target.to(dtype)
+
+
 class _WeightedFlowLoss(torch.autograd.Function):
     """Gradients formed in forward: with ``scale = 2 / (C N)``, dL/dv = scale (a * (v - t) + lambda (v - c)),
-    dL/dt and dL/dc their negated parts, dL/dr = (per-token derivative) / N. Backward only scales them."""
+    dL/dt and dL/dc their negated parts, dL/dr = (per-token derivative) / N. Backward only scales them, and only
+    those of inputs that need one. Sums run in float32 (float64 for float64 inputs); gradients come back in
+    each input's own dtype."""
 
     @staticmethod
     def forward(ctx, velocity: Tensor, target: Tensor, constraint_target: Tensor | None, rewards: Tensor,
                 config: LossConfig, normaliser: float) -> Tensor:
-        per_token, d_reward, slope, diff, pull, weight = _terms(velocity, target, constraint_target, rewards, config)
+        wide = _widened(velocity, target, constraint_target)
+        per_token, d_reward, slope, diff, pull, weight = _terms(*wide, rewards.to(wide[0].dtype), config)
         scale = 2.0 / (velocity.shape[1] * normaliser)
         from_error = diff * (scale * slope)[:, None]  # (N, C)
         from_pull = pull * (scale * weight) if pull is not None else None
         ctx.save_for_backward(from_error, from_pull, d_reward / normaliser)
+        ctx.dtypes = [None if t is None else t.dtype for t in (velocity, target, constraint_target, rewards)]
         return per_token.sum() / normaliser
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         from_error, from_pull, d_reward = ctx.saved_tensors
-        grad_velocity = from_error if from_pull is None else from_error + from_pull
-        grad_constraint = -from_pull * grad_output if from_pull is not None else None
-        return (grad_velocity * grad_output, -from_error * grad_output, grad_constraint, d_reward * grad_output,
-                None, None)
+        wanted = ctx.needs_input_grad
+        grads: list[Tensor | None] = [None] * 6
+        if wanted[0]:
+            grads[0] = (from_error if from_pull is None else from_error + from_pull) * grad_output
+        if wanted[1]:
+            grads[1] = -from_error * grad_output
+        if wanted[2] and from_pull is not None:
+            grads[2] = -from_pull * grad_output
+        if wanted[3]:
+            grads[3] = d_reward * grad_output
+        return tuple(g if g is None else g.to(dtype) for g, dtype in zip(grads, [*ctx.dtypes, None, None],
+                                                                           strict=True))
 
 
 def token_weighted_loss(velocity: Tensor, target: Tensor, constraint_target: Tensor | None, rewards: Tensor,
                         config: LossConfig, num_tokens: float | None = None) -> Tensor:
     """The loss from per-token rewards (N,); see ``srum.loss.reference.reference_loss`` for the terms."""
     normaliser = float(velocity.shape[0] if num_tokens is None else num_tokens)
-    return _WeightedFlowLoss.apply(velocity, target, constraint_target, rewards.to(velocity.dtype), config,
-                                   normaliser)
+    return _WeightedFlowLoss.apply(velocity, target, constraint_target, rewards, config, normaliser)
+
+
+def _sampled_rewards(reward_maps: list[Tensor], grids: list[tuple[int, int]], dtype: torch.dtype) -> Tensor:
+    return sample_maps([m.to(accumulation_dtype(dtype)) for m in reward_maps], grids)
 
 
 def vectorised_loss(velocity: Tensor, target: Tensor, constraint_target: Tensor | None, reward_maps: list[Tensor],
                     grids: list[tuple[int, int]], config: LossConfig, num_tokens: float | None = None) -> Tensor:
     """Same arguments and result as ``reference_loss``; one gather samples every map."""
-    rewards = sample_maps([m.to(velocity.dtype) for m in reward_maps], grids)
+    rewards = _sampled_rewards(reward_maps, grids, velocity.dtype)
     return token_weighted_loss(velocity, target, constraint_target, rewards, config, num_tokens)
+
+
+@torch.no_grad()
+def reward_term(velocity: Tensor, target: Tensor, reward_maps: list[Tensor], grids: list[tuple[int, int]],
+                config: LossConfig, num_tokens: float | None = None) -> Tensor:
+    """The loss's reward term alone, ``sum_i w(r_i, e_i) / N``, for logging: one forward pass, no gradients."""
+    normaliser = float(velocity.shape[0] if num_tokens is None else num_tokens)
+    wide_velocity, wide_target, _ = _widened(velocity, target, None)
+    rewards = _sampled_rewards(reward_maps, grids, velocity.dtype)
+    return _terms(wide_velocity, wide_target, None, rewards, config)[0].sum() / normaliser

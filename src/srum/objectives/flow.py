@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from srum.loss import LossConfig, dense_reward_flow_loss
+from srum.loss import LossConfig, dense_reward_flow_loss, reward_term
 from srum.model.flow import logit_normal_timesteps
 from srum.model.packing import Text, VaeImage, pack
 from srum.objectives.base import Backward, Candidates, Policy
@@ -68,11 +68,9 @@ class FlowObjective:
         loss = dense_reward_flow_loss(out.velocity, out.target_velocity, constraint, maps, grids, self.config,
                                       num_tokens=mean_tokens, impl=policy.loss_impl)
         backward(loss)
-        with torch.no_grad():
-            reward_only = LossConfig(constraint="none", signed=self.config.signed, margin=self.config.margin)
-            terms["reward_term"] = dense_reward_flow_loss(out.velocity, out.target_velocity, None, maps, grids,
-                                                          reward_only, num_tokens=mean_tokens)
-            terms["constraint_term"] = loss.detach() - terms["reward_term"]
+        terms["reward_term"] = reward_term(out.velocity.detach(), out.target_velocity, maps, grids, self.config,
+                                           num_tokens=mean_tokens)
+        terms["constraint_term"] = loss.detach() - terms["reward_term"]
         return loss.detach(), terms
 
     def _constraint_target(self, policy: Policy, batch, noise: Tensor, target: Tensor) -> Tensor | None:

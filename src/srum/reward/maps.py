@@ -186,21 +186,31 @@ def token_rewards(regions: ScoredRegions, frames: list[tuple[int, int]], grids: 
     (height, width) and sampled bilinearly (align_corners=False, as ``F.interpolate``) onto its token grid
     (rows, cols), row-major. Returns (sum of rows*cols,) float32, image after image.
 
-    Only the two pixel rows and two pixel columns around each token's sample point are painted, for all images
-    and boxes at once; the sample points are computed once per distinct (frame, grid).
+    A map is constant between box edges, so it is painted once per cell of the edge grid (at most 2K + 1 rows
+    by 2K + 1 columns of cells for K boxes), and each token's bilinear sample is a weighted sum of the cells its
+    two sample rows and two sample columns fall in: ``rows @ cells @ cols^T``, two small matmuls per image.
     """
     count = len(regions)
     rows_px, cols_px, row_w, col_w, real = ragged_separable_points(frames, grids)  # (B, R, 2), (B, C, 2), ...
     heights = torch.tensor([h for h, _ in frames])
     widths = torch.tensor([w for _, w in frames])
-    values = grid_values(regions, config, rows_px.reshape(count, -1), cols_px.reshape(count, -1), heights, widths)
-    rows, cols = rows_px.shape[1], cols_px.shape[1]
-    values = values.reshape(count, rows, 2, cols, 2)
-    # Bilinear interpolation of the float32 map, with PyTorch's float32 weights: columns, then rows.
-    col_w, row_w = col_w.float()[:, None, None], row_w.float()[..., None]  # (B, 1, 1, C, 2), (B, R, 2, 1)
-    across = values[..., 0] * col_w[..., 0] + values[..., 1] * col_w[..., 1]  # (B, R, 2, C)
-    sampled = (across[:, :, 0] * row_w[:, :, 0] + across[:, :, 1] * row_w[:, :, 1]).reshape(count, -1)  # (B, R*C)
+    boxes = pixel_boxes(regions, heights, widths)  # (B, K, 4), clamped to the frame
+    zeros = torch.zeros(count, 1, dtype=torch.long)
+    row_edges = torch.cat([zeros, boxes[..., 1], boxes[..., 3]], 1).sort(1).values  # (B, 2K + 1) cell starts
+    col_edges = torch.cat([zeros, boxes[..., 0], boxes[..., 2]], 1).sort(1).values
+    cells = grid_values(regions, config, row_edges, col_edges, heights, widths)  # (B, 2K + 1, 2K + 1)
+    row_weights = _cell_weights(rows_px, row_w, row_edges)  # (B, R, 2K + 1)
+    col_weights = _cell_weights(cols_px, col_w, col_edges)  # (B, C, 2K + 1)
+    sampled = (row_weights @ cells @ col_weights.transpose(1, 2)).reshape(count, -1)  # (B, R * C)
     return sampled.flatten() if bool(real.all()) else sampled[real]  # row-major, image after image
+
+
+def _cell_weights(pixels: Tensor, weights: Tensor, edges: Tensor) -> Tensor:
+    """(B, N, E) float32: each of N sample lines' two (pixel, weight) pairs (B, N, 2) added into the cell
+    (between sorted edges (B, E)) its pixel falls in; of equal edges the last one starts the non-empty cell."""
+    cell = torch.searchsorted(edges, pixels.flatten(1), right=True).view(pixels.shape) - 1  # (B, N, 2)
+    out = torch.zeros(*pixels.shape[:2], edges.shape[1])
+    return out.scatter_add_(2, cell, weights.float())
 
 
 def sample_map(reward_map: Tensor, rows: int, cols: int) -> Tensor:
