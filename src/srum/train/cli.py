@@ -68,20 +68,24 @@ EXPECTED_WARNINGS = (
 """Lightning warnings about what srum does deliberately: silenced so that what is left is worth reading."""
 
 
-ADVERTS = ("💡 Tip:",)
-"""Starts of Lightning's info lines that advertise services rather than describe the run: dropped."""
+NOISE = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "`Trainer.fit` stopped:", "Seed set to")
+"""Starts of Lightning's info lines that advertise services or restate the configuration: dropped, so a run
+prints its progress, its metrics and its report."""
+NOISY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.fabric.utilities.seed")
 
 
-def _no_adverts(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(ADVERTS)
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(NOISE)
 
 
 def _quiet_lightning() -> None:
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if _no_adverts not in rank_zero.filters:
-        rank_zero.addFilter(_no_adverts)
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        if _not_noise not in logger.filters:
+            logger.addFilter(_not_noise)
 
 
 def run_lightning(args: list[str] | None) -> LightningCLI:
