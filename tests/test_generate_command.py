@@ -191,7 +191,7 @@ def run_copy(first_run, tmp_path) -> Path:
     return out
 
 
-def test_writes_one_png_and_one_record_per_image(first_run):
+def test_writes_one_png_and_one_record_per_image(checkpoint, first_run):
     expected = _expected_image_files()
     assert sorted(_files(first_run)) == sorted([*expected, RECORDS])
     for name in expected:
@@ -207,7 +207,7 @@ def test_writes_one_png_and_one_record_per_image(first_run):
         assert record["prompt"] == entry["Question"]
         assert record["image_file"] == f"{record['prompt_id']}_{record['image_index']}.png"
         assert record["seed"] == image_seed(SEED, record["prompt_id"], record["image_index"])
-        assert record["settings"] == EXPECTED_SETTINGS
+        assert record["settings"] == {**EXPECTED_SETTINGS, "checkpoint": str(checkpoint.resolve())}
         assert "plan" not in record
     assert len({record["seed"] for record in records}) == len(records)
     # every image its own noise: no two images are alike
@@ -312,7 +312,7 @@ def test_think_records_a_plan(checkpoint, prompt_file, first_run, tmp_path):
     assert [record["image_file"] for record in records] == [f"{entry['Question_id']}_0.png" for entry in PROMPTS]
     for record in records:
         assert record["settings"] == {**EXPECTED_SETTINGS, "think": True, "max_think_tokens": 4,
-                                      "cfg_renorm_type": "text_channel"}
+                                      "cfg_renorm_type": "text_channel", "checkpoint": str(checkpoint.resolve())}
     # the plans are what the model decodes in at most 4 tokens (a random model: gibberish)
     pipeline = Pipeline.from_checkpoint(checkpoint)
     sampler = SamplerConfig(num_timesteps=4, cfg_text_scale=2.5, cfg_img_scale=1.5)
@@ -337,6 +337,10 @@ def test_rerunning_with_other_settings_is_refused(checkpoint, prompt_file, tmp_p
     before = _files(out)
     with pytest.raises(SystemExit, match=r"records.jsonl: holds images made with other settings \(run_seed\)"):
         _generate(checkpoint, prompt_file, out, seed=SEED + 1)
+    other = tmp_path / "other-checkpoint"
+    shutil.copytree(checkpoint, other)
+    with pytest.raises(SystemExit, match=r"records.jsonl: holds images made with other settings \(checkpoint\)"):
+        _generate(other, prompt_file, out)
     assert _files(out) == before
     changed = tmp_path / "changed.json"  # the same id for another text must not keep the old text's images
     changed.write_text(json.dumps([{**PROMPTS[0], "Question": "a blue sphere"}]))

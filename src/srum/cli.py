@@ -21,10 +21,11 @@ from srum.generation.writer import generate_to_folder
 from srum.model.attention import Backend
 from srum.model.autoencoder import build_autoencoder
 from srum.model.build import build_on_meta, build_random, count_parameters
-from srum.model.checkpoint import checkpoint_folder, read_config, save_checkpoint
+from srum.model.checkpoint import read_config, save_checkpoint
 from srum.model.config import BagelConfig
 from srum.model.overfit import overfit
 from srum.model.packing import pack
+from srum.model.shipped import checkpoint_identity
 from srum.model.synthetic import SampleFactory, special_tokens_for
 from srum.model.tokenizer import build_small_tokenizer
 from srum.reward.instructions import DEFAULT_INSTRUCTIONS, read_instructions
@@ -156,7 +157,7 @@ def generate(checkpoint: Path, prompts: Path, out: Path, steps: int = 50, cfg_te
     largest = pipeline.model.config.max_latent_size * pipeline.model.config.latent_downsample
     written = generate_to_folder(pipeline, prompt_list, out, sampler, images_per_prompt, seed, batch_size,
                                  largest if height is None else height, largest if width is None else width, think,
-                                 max_think_tokens)
+                                 max_think_tokens, extra_settings={"checkpoint": checkpoint_identity(checkpoint)})
     log.info("wrote %d images to %s", written, out)
 
 
@@ -201,7 +202,7 @@ def score(checkpoint: Path, rollouts: Path, out: Path, proposer: Literal["compon
                           max_new_tokens_global=max_new_tokens_global, max_new_tokens_regions=max_new_tokens_regions)
     templates = read_instructions(instructions) if instructions else DEFAULT_INSTRUCTIONS
     written = score_rollouts(SelfScorer(pipeline, region_proposer, config, templates), rollouts, out, batch_size,
-                             made_by={"checkpoint": str(checkpoint_folder(checkpoint).resolve())})
+                             made_by={"checkpoint": checkpoint_identity(checkpoint)})
     log.info("wrote %s to %s", written, out)
 
 

@@ -22,7 +22,6 @@ from srum.eval.generate import (
     COMPBENCH_GENERATION,
     GENEVAL_GENERATION,
     GenerationSettings,
-    checkpoint_identity,
     generate_images,
     wanted_images,
 )
@@ -34,6 +33,7 @@ from srum.generation.device import device_and_dtype
 from srum.generation.pipeline import Pipeline
 from srum.generation.prompts import read_prompts
 from srum.model.checkpoint import LLM_CONFIG, checkpoint_folder
+from srum.model.shipped import checkpoint_identity
 
 log = logging.getLogger("srum")
 DType = Literal["auto", "float32", "bfloat16"]

@@ -11,7 +11,7 @@ from srum.generation.pipeline import Pipeline
 from srum.generation.prompts import Prompt
 from srum.generation.sampler import SamplerConfig
 from srum.generation.writer import generate_to_folder, image_file
-from srum.model.checkpoint import checkpoint_folder
+from srum.model.shipped import checkpoint_identity
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,6 @@ COMPBENCH_GENERATION = GenerationSettings()
 the published table has runs with and without think."""
 GENEVAL_GENERATION = GenerationSettings(images_per_prompt=4, sampler=SamplerConfig(cfg_interval=(0.0, 1.0)))
 """BAGEL's GenEval harness: four images per prompt, guidance over the whole schedule."""
-
-
-def checkpoint_identity(checkpoint: str | Path) -> str:
-    """What records and reports name a checkpoint by: its resolved folder (shipped ones included)."""
-    return str(checkpoint_folder(checkpoint).resolve())
 
 
 def wanted_images(prompts: list[Prompt], generation: GenerationSettings) -> set[str]:

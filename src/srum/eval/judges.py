@@ -19,11 +19,11 @@ from PIL import Image
 from torch import Tensor
 from transformers import AutoProcessor, PreTrainedModel
 
-from srum.eval.generate import checkpoint_identity
 from srum.eval.rubric import RUBRIC_VERSION
 from srum.generation.pipeline import Pipeline
 from srum.generation.text import DecodingConfig
 from srum.model.autoencoder import from_uint8_image
+from srum.model.shipped import checkpoint_identity
 
 DEFAULT_JUDGE_CLASS = "Qwen2_5_VLForConditionalGeneration"
 

@@ -27,3 +27,8 @@ def checkpoint_folder(folder: str | Path) -> Path:
                               f"{', '.join(SHIPPED_PREFIX + n for n in SHIPPED)}")
     package, path = SHIPPED[name]
     return Path(str(files(package) / path))
+
+
+def checkpoint_identity(folder: str | Path) -> str:
+    """What records and reports name a checkpoint by: its resolved folder (shipped ones included)."""
+    return str(checkpoint_folder(folder).resolve())

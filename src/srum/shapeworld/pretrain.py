@@ -69,18 +69,20 @@ class PretrainModule(L.LightningModule):
             text-to-image samples and the generation weights (the MoT generation expert, latent projections,
             timestep embedding) keep their values, while understanding goes on training and annealing: a base
             that judges well and still has room to draw better, on purpose.
+        understanding_mix: the mix from ``generation_steps`` on (default: ``mix`` without text-to-image).
     """
 
     def __init__(self, out: Path, preset: str = "shapeworld", seed: int = 0, batch_size: int = 32, lr: float = 1e-3,
                  warmup_steps: int = 100, decay_steps: int = 0, mix: TaskMix = TaskMix(),
-                 text_dropout: float = 0.1, generation_steps: int | None = None) -> None:
+                 text_dropout: float = 0.1, generation_steps: int | None = None,
+                 understanding_mix: TaskMix | None = None) -> None:
         super().__init__()
         self.out, self.config, self.seed = Path(out), BagelConfig.from_name(preset), seed
         self.batch_size, self.lr, self.warmup_steps, self.decay_steps = batch_size, lr, warmup_steps, decay_steps
         self.mix, self.text_dropout, self.generation_steps = mix, text_dropout, generation_steps
         if generation_steps is not None and generation_steps < 0:
             raise ValueError(f"model.generation_steps: expected a step >= 0 or null, got {generation_steps}")
-        self.understanding_mix = replace(mix, text_to_image=0.0)
+        self.understanding_mix = replace(understanding_mix or mix, text_to_image=0.0)
         self.model = build_random(self.config, seed)
         self.autoencoder = build_autoencoder(self.config.ae)
         self.out.mkdir(parents=True, exist_ok=True)
