@@ -11,13 +11,14 @@ from srum.loss.vectorised import token_weighted_loss
 CHANNELS, GRID, MAP = 64, 64, 64  # 64 x 64 tokens of 64 channels per image (a 1024 px image), 64 x 64 maps
 
 
-def make_inputs(images: int, device: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+def make_inputs(images: int, device: str, dtype: torch.dtype = torch.float32, seed: int = 0, map_side: int = MAP,
+                grid: int = GRID):
     generator = torch.Generator().manual_seed(seed)
-    tokens = images * GRID * GRID
+    tokens = images * grid * grid
     velocity = torch.randn(tokens, CHANNELS, generator=generator).to(device=device, dtype=dtype)
     target = torch.randn(tokens, CHANNELS, generator=generator).to(device=device, dtype=dtype)
-    maps = [torch.rand(MAP, MAP, generator=generator).to(device) for _ in range(images)]
-    return velocity.requires_grad_(True), target, maps, [(GRID, GRID)] * images
+    maps = [torch.rand(map_side, map_side, generator=generator).to(device) for _ in range(images)]
+    return velocity.requires_grad_(True), target, maps, [(grid, grid)] * images
 
 
 def official_loop(velocity, target, maps, grids, config=LossConfig()):
@@ -26,8 +27,8 @@ def official_loop(velocity, target, maps, grids, config=LossConfig()):
     image in all official data), each a mean over tokens and channels."""
     rewards = torch.cat([F.interpolate(m[None, None], size=g, mode="bilinear", align_corners=False).flatten()
                          for m, g in zip(maps, grids, strict=True)])
-    weighted = (rewards[:, None] * (velocity - target) ** 2).mean()
-    return weighted + config.constraint_weight * ((velocity - target) ** 2).mean()
+    weighted = (rewards[:, None] * (velocity.float() - target.float()) ** 2).mean()
+    return weighted + config.constraint_weight * ((velocity.float() - target.float()) ** 2).mean()
 
 
 def vectorised(velocity, target, maps, grids, config=LossConfig()):
