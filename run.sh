@@ -20,6 +20,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 case "${1:-}" in
     test) shift; exec "$python" -m pytest "$@" ;;
-    demo) shift; exec "$venv/bin/srum" fit --config configs/shapes.yaml "$@" ;;
+    demo) shift
+        echo "srum demo: online SRUM on ShapeWorld (configs/shapes.yaml): the base is measured, trained with its own"
+        echo "judgement, measured again; the report is written to runs/shapes/report."
+        exec "$venv/bin/srum" fit --config configs/shapes.yaml "$@" ;;
     *) exec "$venv/bin/srum" "$@" ;;
 esac
