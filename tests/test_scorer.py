@@ -253,3 +253,20 @@ def test_an_image_that_cannot_be_decoded_is_named(checkpoint, tmp_path, damage):
     with pytest.raises(SystemExit, match=f"srum: error: {image}: expected a readable image file"):
         main(["score", "--checkpoint", str(checkpoint), "--rollouts", str(rollouts), "--out",
               str(tmp_path / "s.jsonl"), "--method", "expected", "--device", "cpu"])
+
+
+def test_score_also_writes_the_official_training_format(checkpoint, tmp_path):
+    rollouts = _rollouts(checkpoint, tmp_path)
+    out, official = tmp_path / "scores.jsonl", tmp_path / "official.jsonl"
+    main(["score", "--checkpoint", str(checkpoint), "--rollouts", str(rollouts), "--out", str(out), "--proposer",
+          "grid", "--method", "expected", "--device", "cpu", "--official_out", str(official)])
+    ours, theirs = load_records(out).records, load_records(official).records
+    assert all(json.loads(line).keys() >= {"bad_image_file", "vlm_rewards"} for line in official.read_text().splitlines())
+    assert len(ours) == len(theirs) == 2
+    for mine, read_back in zip(ours, theirs, strict=True):
+        assert read_back.image_file == mine.image_file and (read_back.width, read_back.height) == (24, 16)
+        assert read_back.global_scores.text == pytest.approx(mine.global_scores.expected)  # official: one kind
+        assert [r.scores.text for r in read_back.regions] == pytest.approx([r.scores.expected for r in mine.regions])
+    with pytest.raises(SystemExit, match="--official_out: expected a file other than --out"):
+        main(["score", "--checkpoint", str(checkpoint), "--rollouts", str(rollouts), "--out", str(out),
+              "--device", "cpu", "--official_out", str(out)])

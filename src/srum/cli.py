@@ -18,6 +18,7 @@ from srum.generation.pipeline import Pipeline
 from srum.generation.prompts import read_prompts
 from srum.generation.sampler import RenormType, SamplerConfig
 from srum.generation.writer import generate_to_folder
+from srum.io.jsonl import rewrite_jsonl
 from srum.model.attention import Backend
 from srum.model.autoencoder import build_autoencoder
 from srum.model.build import build_on_meta, build_random, count_parameters
@@ -30,6 +31,7 @@ from srum.model.synthetic import SampleFactory, special_tokens_for
 from srum.model.tokenizer import build_small_tokenizer
 from srum.reward.instructions import DEFAULT_INSTRUCTIONS, read_instructions
 from srum.reward.proposals import build_proposer
+from srum.reward.records import ScoreKind, load_records
 from srum.reward.rollouts import score_rollouts
 from srum.reward.scorer import Method, ScorerConfig, SelfScorer
 from srum.train.export import export_checkpoint
@@ -165,8 +167,8 @@ def score(checkpoint: Path, rollouts: Path, out: Path, proposer: Literal["compon
           = "components", max_regions: int = 10, sam_dir: Path | None = None, method: Method = "both",
           global_kind: Literal["layout", "sample"] = "layout", think: bool = False,
           max_new_tokens_global: int = 1024, max_new_tokens_regions: int = 4096, instructions: Path | None = None,
-          batch_size: int = 4, device: str | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-          ) -> None:
+          batch_size: int = 4, device: str | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+          official_out: Path | None = None, official_kind: ScoreKind = "expected") -> None:
     """Self-score every image of a ``srum generate`` folder into reward records.
 
     Proposes regions, scores them and the whole image with the same model and appends one record per image to
@@ -189,7 +191,12 @@ def score(checkpoint: Path, rollouts: Path, out: Path, proposer: Literal["compon
         batch_size: images scored together.
         device: cuda or cpu (default: cuda when available).
         dtype: weights dtype (auto: bfloat16 on GPU, float32 on CPU).
+        official_out: also write every record of OUT in the official SRUM training format to this file (rewritten
+            whole after each run, so it always matches OUT).
+        official_kind: the score kind the official file carries: expected or text.
     """
+    if official_out is not None and Path(official_out).resolve() == Path(out).resolve():
+        raise ValueError(f"{official_out}: --official_out: expected a file other than --out")
     device, torch_dtype = device_and_dtype(device, dtype)
     options = {"max_regions": max_regions}
     if proposer == "sam":
@@ -204,6 +211,11 @@ def score(checkpoint: Path, rollouts: Path, out: Path, proposer: Literal["compon
     written = score_rollouts(SelfScorer(pipeline, region_proposer, config, templates), rollouts, out, batch_size,
                              made_by={"checkpoint": checkpoint_identity(checkpoint)})
     log.info("wrote %s to %s", written, out)
+    if official_out is not None:
+        records = load_records(out).records
+        rewrite_jsonl(Path(official_out), [record.to_official(official_kind) for record in records])
+        log.info("wrote %d records in the official format (%s scores) to %s", len(records), official_kind,
+                 official_out)
 
 
 def export(ckpt: Path, out: Path, weights: Literal["model", "ema"] = "model", base: Path | None = None,
