@@ -252,10 +252,9 @@ def test_offline_fit_on_generated_and_scored_records(tiny, tmp_path):
     lines[1]["regions"].append({"box": [0.9, 0.9, 0.1, 0.1], "object": "x", "scores": {"expected": 0.5}})  # dropped
     records.write_text("".join(json.dumps(line) + "\n" for line in lines))
     root = tmp_path / "run"
-    args = _fit_args(tiny, root, 2, "--model.mode", "offline", "--model.trainable", "generation",
-                     "--model.scoring.score_kind", "expected", "--data.records", str(records), "--data.image_dir",
-                     str(rollouts), "--data.prompts", "null")
-    main(args)
+    offline = ["--model.mode", "offline", "--model.trainable", "generation", "--model.scoring.score_kind",
+               "expected", "--data.records", str(records), "--data.image_dir", str(rollouts), "--data.prompts", "null"]
+    main(_fit_args(tiny, root, 2, *offline))
     metrics = _metrics(root)
     assert sorted(metrics) == [0, 1] and all(math.isfinite(m["train/loss"]) for m in metrics.values())
     assert metrics[0]["train/regions_per_image"] == 4  # the grid proposer's 2 x 2 regions reached the step
@@ -268,6 +267,16 @@ def test_offline_fit_on_generated_and_scored_records(tiny, tmp_path):
     gen = "language_model.model.layers.0.mlp_moe_gen.up_proj.weight"
     assert torch.equal(state[f"model.{und}"], start[und])  # generation expert only
     assert not torch.equal(state[f"model.{gen}"], start[gen])
+
+    # bad offline input through the command line: one line naming the file and what was expected
+    image = rollouts / lines[2]["image_file"]
+    image.write_bytes(image.read_bytes()[:50])
+    with pytest.raises(SystemExit, match=f"srum: error: {image}: expected a readable image file"):
+        main(_fit_args(tiny, tmp_path / "torn-image", 2, *offline))
+    lines[0]["width"] = float("inf")
+    records.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(SystemExit, match=f"srum: error: {records}:1: width: expected a positive integer, got inf"):
+        main(_fit_args(tiny, tmp_path / "infinite-width", 2, *offline))
 
 
 def test_lora_trains_adapters_only_and_export_merges_them(tiny, tmp_path):
