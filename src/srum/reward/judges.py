@@ -2,6 +2,8 @@
 
 - ``self``: the trained model's own understanding branch (SRUM);
 - ``checker``: ShapeWorld's weight-free checker (the oracle arm: what a perfect judge would give);
+- ``describe``: the trained model again, through its own description of each picture checked against the
+  prompt's atomic questions (``srum.shapeworld.describe``; ShapeWorld prompts);
 - ``vlm``: a local transformers vision-language model asked the same instructions (the external-reward setting
   of the peers), so self-reward and external reward are compared with one flag.
 
@@ -23,8 +25,8 @@ from srum.reward.proposals import build_proposer
 from srum.reward.records import RewardRecord, ScoreKind
 from srum.reward.scorer import ScorerConfig, SelfScorer
 
-JudgeName = Literal["self", "checker", "vlm"]
-JUDGES = ("self", "checker", "vlm")
+JudgeName = Literal["self", "checker", "describe", "vlm"]
+JUDGES = ("self", "checker", "describe", "vlm")
 
 
 class Judge(Protocol):
@@ -39,7 +41,8 @@ class ScoringConfig:
     """How online candidates are judged."""
 
     judge: JudgeName = "self"
-    """Who scores: ``self`` (SRUM), ``checker`` (ShapeWorld's oracle, ShapeWorld prompts only) or ``vlm`` (the
+    """Who scores: ``self`` (SRUM), ``checker`` (ShapeWorld's oracle, ShapeWorld prompts only), ``describe`` (the
+    model's own description read against the prompt's atomic questions, ShapeWorld prompts only) or ``vlm`` (the
     local transformers model in ``vlm_dir``)."""
     proposer: Literal["components", "grid", "whole", "sam"] = "components"
     """Region proposer (self and vlm judges)."""
@@ -87,6 +90,10 @@ def build_judge(config: ScoringConfig, pipeline: Any, device: Any = None) -> Jud
         from srum.shapeworld.oracle import CheckerScorer
 
         return CheckerScorer()
+    if config.judge == "describe":
+        from srum.shapeworld.describe import DescriptionJudge
+
+        return DescriptionJudge(pipeline, config.scorer.aggregate)
     options: dict[str, Any] = {"max_regions": config.max_regions}
     if config.proposer == "sam":
         options.update(model_dir=config.sam_dir, device=device)

@@ -18,6 +18,7 @@ from srum.model.autoencoder import from_uint8_image
 from srum.reward.proposals import WholeImageProposer
 from srum.reward.scorer import ScorerConfig, SelfScorer
 from srum.shapeworld.checker import Verdict, report, score
+from srum.shapeworld.describe import DescriptionJudge
 from srum.shapeworld.questions import ShapeWorldDecomposer
 from srum.shapeworld.tasks import SHAPEWORLD_INSTRUCTIONS, perturb
 from srum.shapeworld.world import SIZE, Prompt, render, scene_for
@@ -47,14 +48,18 @@ def evaluate_generation(pipeline: Pipeline, prompts: list[Prompt], sampler: Samp
     return GenerationResult(report(verdicts), verdicts, images)
 
 
-Readout = Literal["instruction", "questions"]
-READOUTS: tuple[Readout, ...] = ("instruction", "questions")
+Readout = Literal["instruction", "questions", "description"]
+READOUTS: tuple[Readout, ...] = ("instruction", "questions", "description")
 
 
 def global_expected_scores(pipeline: Pipeline, images: list[torch.Tensor], prompts: list[str],
                            readout: Readout = "instruction") -> torch.Tensor:
-    """The model's probability-weighted global score of each image against its prompt, (N,): read from the
-    global scoring instruction, or as the product of its answers to the prompt's atomic questions."""
+    """The model's global score of each image against its prompt, (N,): probability-weighted from the global
+    scoring instruction, the product of its P(yes) to the prompt's atomic questions, or those questions answered
+    from its own description of the image."""
+    if readout == "description":
+        records = DescriptionJudge(pipeline).score(images, prompts, [""] * len(images))
+        return torch.tensor([record.global_scores.expected for record in records])
     config = ScorerConfig(method="expected", readout=readout)
     decomposer = ShapeWorldDecomposer() if readout == "questions" else None
     scorer = SelfScorer(pipeline, WholeImageProposer(), config, SHAPEWORLD_INSTRUCTIONS, decomposer)

@@ -86,13 +86,14 @@ def _score_text(value: float) -> str:
 
 
 CAPTION_QUESTION = "Describe the picture."
-_ROWS, _COLUMNS = ("top", "middle", "bottom"), ("left", "centre", "right")
+ROW_WORDS, COLUMN_WORDS = ("top", "middle", "bottom"), ("left", "centre", "right")
 
 
 def caption(scene: Scene) -> str:
     """Every object in reading order with its cell: ``top left red square, bottom centre blue circle``."""
     objects = sorted(scene.objects, key=lambda o: o.cell)
-    return ", ".join(f"{_ROWS[o.cell[0]]} {_COLUMNS[o.cell[1]]} {o.colour} {o.shape}" for o in objects) or "nothing"
+    parts = [f"{ROW_WORDS[o.cell[0]]} {COLUMN_WORDS[o.cell[1]]} {o.colour} {o.shape}" for o in objects]
+    return ", ".join(parts) or "nothing"
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,6 @@ def corpus(count: int = 2000, seed: int = 0) -> list[str]:
     texts += [f"How many {c} {s}s are there? {' '.join(COUNT_WORDS)}" for c, s in pairs]
     texts += [f"Is there a {c} {s}? yes no Is the object in [0, 12, 12, 24] a {c} {s}?" for c, s in pairs]
     texts += [f"Is every {c} {s} {relation} every" for c, s in pairs for relation in RELATIONS]
-    texts += [CAPTION_QUESTION] + [f"{r} {col} {c} {s}," for r in _ROWS for col in _COLUMNS for c in COLOURS
+    texts += [CAPTION_QUESTION] + [f"{r} {col} {c} {s}," for r in ROW_WORDS for col in COLUMN_WORDS for c in COLOURS
                                    for s in SHAPES]
     return texts
