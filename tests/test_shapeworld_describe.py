@@ -54,3 +54,20 @@ def test_a_model_that_describes_a_picture_is_judged_by_its_description(tmp_path,
     assert wrong.global_scores.expected == (-1.0 if aggregate == "product" else 0.0)
     assert [r.scores.expected for r in wrong.regions] == [1.0, -1.0]  # the red square is wanted, the circle not
     assert torch.tensor(right.regions[1].box).tolist() == pytest.approx([2 / 3, 0.0, 1.0, 1 / 3])
+
+
+def test_the_shipped_base_judges_by_what_it_sees():
+    """The shipped base's description follows the picture: a clean render is accepted for its own prompt and
+    rejected for the same prompt with one colour word changed."""
+    from srum.shapeworld.world import COLOURS, prompts
+
+    judge = DescriptionJudge(Pipeline.from_checkpoint("srum:shapeworld-base"))
+    rng = random.Random(0)
+    chosen = [p for p in prompts("val", 40) if not p.unseen][:24]
+    images = [render(scene_for(p.spec, rng)) for p in chosen]
+    first = [p.spec.things[0].colour for p in chosen]
+    recoloured = [p.text.replace(colour, next(c for c in COLOURS if c != colour and c not in p.text), 1)
+                  for p, colour in zip(chosen, first, strict=True)]
+    right = [r.global_scores.expected for r in judge.score(images, [p.text for p in chosen], ["x"] * len(images))]
+    wrong = [r.global_scores.expected for r in judge.score(images, recoloured, ["x"] * len(images))]
+    assert sum(v > 0 for v in right) >= 0.6 * len(right) and sum(v < 0 for v in wrong) >= 0.9 * len(wrong)

@@ -43,7 +43,7 @@ class BenchmarkConfig:
     """Sampling of the generated images."""
     batch_size: int = 100
     """Images generated at once."""
-    judge_readouts: tuple[Readout, ...] = ("questions", "instruction", "description")
+    judge_readouts: tuple[Readout, ...] = ("description", "questions", "instruction")
     """How the model's judgement is read (``srum.shapeworld.evaluate.READOUTS``), each measured; the first is
     the summary's ``judge`` and ``agreement_with_checker``, all are under ``readouts``."""
 
