@@ -162,3 +162,26 @@ def test_generation_stops_at_generation_steps_while_understanding_trains_on(tmp_
     assert all(torch.equal(stopped[name], continued[name]) for name in generation)
     assert not all(torch.equal(stopped[name], continued[name]) for name in stopped if name not in generation)
 
+
+
+def test_understanding_samples_may_show_held_out_pairs_text_to_image_never():
+    from srum.model.autoencoder import build_autoencoder
+    from srum.model.config import BagelConfig
+    from srum.shapeworld.tasks import TaskMix
+    from srum.shapeworld.world import HELD_OUT
+
+    texts: list[str] = []
+    config = BagelConfig.from_name("shapeworld")
+    tasks = ShapeWorldTasks(lambda text: texts.append(text) or [1], build_autoencoder(config.ae), text_dropout=0.0)
+    rng = random.Random(0)
+
+    def named_held_out(text: str) -> bool:
+        return any(f"{colour} {shape}" in text for colour, shape in HELD_OUT)
+
+    for kind, mix in (("text_to_image", TaskMix(1, 0, 0, 0, 0)), ("caption", TaskMix(0, 0, 0, 0, 1))):
+        for split in (None, "any"):
+            texts.clear()
+            for _ in range(200):
+                tasks.sample(rng, mix=mix, understanding_split=split)
+            shown = sum(map(named_held_out, texts))
+            assert (shown > 0) == (kind == "caption" and split == "any"), (kind, split)

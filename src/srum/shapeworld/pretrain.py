@@ -70,12 +70,15 @@ class PretrainModule(L.LightningModule):
             timestep embedding) keep their values, while understanding goes on training and annealing: a base
             that judges well and still has room to draw better, on purpose.
         understanding_mix: the mix from ``generation_steps`` on (default: ``mix`` without text-to-image).
+        all_pairs_from: the step from which understanding samples (captions, questions, scoring) show every
+            colour-shape pair, the four held out of text-to-image included (None: never). A judge that has never
+            seen a red triangle cannot confirm one; the pairs are held out of drawing, not of seeing.
     """
 
     def __init__(self, out: Path, preset: str = "shapeworld", seed: int = 0, batch_size: int = 32, lr: float = 1e-3,
                  warmup_steps: int = 100, decay_steps: int = 0, mix: TaskMix = TaskMix(),
                  text_dropout: float = 0.1, generation_steps: int | None = None,
-                 understanding_mix: TaskMix | None = None) -> None:
+                 understanding_mix: TaskMix | None = None, all_pairs_from: int | None = None) -> None:
         super().__init__()
         self.out, self.config, self.seed = Path(out), BagelConfig.from_name(preset), seed
         self.batch_size, self.lr, self.warmup_steps, self.decay_steps = batch_size, lr, warmup_steps, decay_steps
@@ -83,6 +86,7 @@ class PretrainModule(L.LightningModule):
         if generation_steps is not None and generation_steps < 0:
             raise ValueError(f"model.generation_steps: expected a step >= 0 or null, got {generation_steps}")
         self.understanding_mix = replace(understanding_mix or mix, text_to_image=0.0)
+        self.all_pairs_from = all_pairs_from
         self.model = build_random(self.config, seed)
         self.autoencoder = build_autoencoder(self.config.ae)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +105,8 @@ class PretrainModule(L.LightningModule):
         digest = hashlib.sha256(f"{self.seed}/{index}".encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "little"))
         mix = self.mix if self.generating(index) else self.understanding_mix
-        samples = [self.tasks.sample(rng, mix=mix) for _ in range(self.batch_size)]
+        seen = "any" if self.all_pairs_from is not None and index >= self.all_pairs_from else None
+        samples = [self.tasks.sample(rng, mix=mix, understanding_split=seen) for _ in range(self.batch_size)]
         batch = pack(samples, self.config, self.special).to(self.device)
         out = self.model(batch, generator=torch.Generator().manual_seed(rng.getrandbits(62)))
         ce = out.ce().mean() if out.labels.numel() else out.velocity.new_zeros(())

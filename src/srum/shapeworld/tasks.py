@@ -155,12 +155,19 @@ class ShapeWorldTasks:
         return [VitImage(from_uint8_image(render(scene))), self._text(CAPTION_QUESTION),
                 self._text(caption(scene), loss=True)]
 
-    def sample(self, rng: random.Random, split: str = "train", mix: TaskMix | None = None) -> list[Item]:
-        """One sample of a kind drawn from ``mix`` (default: the tasks' own mix)."""
-        spec = sample_spec(rng.choice(CATEGORIES), rng, split)
+    def sample(self, rng: random.Random, split: str = "train", mix: TaskMix | None = None,
+               understanding_split: str | None = None) -> list[Item]:
+        """One sample of a kind drawn from ``mix`` (default: the tasks' own mix). With ``understanding_split``,
+        samples of the understanding kinds draw their scene from that split instead (``any``: the held-out pairs
+        too), text-to-image ones still from ``split``."""
+        category = rng.choice(CATEGORIES)
+        spec = sample_spec(category, rng, split)
         scene = scene_for(spec, rng)
         kinds = [kind.name for kind in fields(TaskMix)]  # each mix field names the method that draws that kind
         kind = rng.choices(kinds, [getattr(mix or self.mix, kind) for kind in kinds])[0]
+        if understanding_split is not None and kind != "text_to_image":
+            spec = sample_spec(category, rng, understanding_split)
+            scene = scene_for(spec, rng)
         return getattr(self, kind)(spec, scene, rng)
 
 

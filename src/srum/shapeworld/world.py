@@ -32,7 +32,10 @@ NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 HELD_OUT = frozenset({("red", "triangle"), ("blue", "circle"), ("yellow", "square"), ("purple", "triangle")})
 Category = Literal["binding", "spatial", "numeracy", "complex"]
 CATEGORIES: tuple[Category, ...] = ("binding", "spatial", "numeracy", "complex")
-Split = Literal["train", "val", "test"]
+Split = Literal["train", "val", "test", "any"]
+"""``train``: held-out pairs never named; ``val``/``test``: at least one held-out pair named; ``any``: every pair,
+without that requirement (what understanding samples may show: the pairs are held out of drawing, not of
+seeing)."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,7 @@ def _things(rng: random.Random, count: int, split: Split, max_count: int = 1) ->
     pairs = _pairs(split)
     while True:
         chosen = rng.sample(pairs, count)
-        if split == "train" or any(pair in HELD_OUT for pair in chosen):
+        if split in ("train", "any") or any(pair in HELD_OUT for pair in chosen):
             return tuple(Thing(c, s, rng.randint(1, max_count)) for c, s in chosen)
 
 
