@@ -145,3 +145,17 @@ def test_answers_resume_after_a_torn_prediction(tmp_path):
     out.write_text(lines[0] + "\n" + lines[1][:15])  # killed while appending the second prediction
     assert answer_questions(_Pipeline(), questions, out) == predictions
     assert out.read_text().splitlines() == lines
+
+
+def test_judging_and_answering_hold_their_output_while_they_write(tmp_path):
+    from srum.eval.judging import judge_folder
+    from srum.eval.understanding import answer_questions
+    from srum.io.lock import exclusive
+
+    for name, run in (("judgements.jsonl", lambda out: judge_folder(None, tmp_path, out)),
+                      ("answers.jsonl", lambda out: answer_questions(None, [], out))):
+        out = tmp_path / name
+        out.write_text('{"kept": 1}\n')
+        with exclusive(out), pytest.raises(ValueError, match=f"{name}: another srum run is writing it"):
+            run(out)  # refused before anything is read or written
+        assert out.read_text() == '{"kept": 1}\n'

@@ -18,6 +18,7 @@ from srum.eval.judges import Judge
 from srum.eval.rubric import JUDGE_INSTRUCTION, official_score, parse_verdict
 from srum.generation.writer import pending_images, read_image_records
 from srum.io.jsonl import append_jsonl, check_settings, repair_torn_tail
+from srum.io.lock import exclusive
 from srum.reward.rollouts import read_image
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,13 @@ def judge_folder(judge: Judge, images: Path, out: Path, batch_size: int = 1, ret
     ``status``), the earlier answers that failed (``failed_answers``), and the official script's reading of the
     first, greedy answer (``official_score``, -1 on failure), which is what the official protocol reports."""
     check_retries(retries, retry_temperature)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        return _judge_missing(judge, images, out, batch_size, retries, retry_temperature)
+
+
+def _judge_missing(judge: Judge, images: Path, out: Path, batch_size: int, retries: int,
+                   retry_temperature: float) -> list[dict]:
     settings = json.loads(json.dumps(judge.settings))  # as a record stores them
     repair_torn_tail(out)
     judgements = read_image_records(out)

@@ -25,6 +25,7 @@ from srum.eval.metrics import GroupedMean
 from srum.generation.pipeline import Pipeline
 from srum.generation.text import DecodingConfig
 from srum.io.jsonl import append_jsonl, check_settings, read_jsonl, read_jsonl_lines, repair_torn_tail
+from srum.io.lock import exclusive
 from srum.model.autoencoder import from_uint8_image
 from srum.reward.rollouts import read_image
 
@@ -138,6 +139,13 @@ def answer_questions(pipeline: Pipeline, questions: list[Question], out: Path, m
     ``settings`` (what decides the answers besides the method) are locked into the file."""
     decoding = {"max_new_tokens": max_new_tokens} if method == "decode" else {}
     settings = json.loads(json.dumps({**(settings or {}), "method": method, **decoding}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        return _answer_missing(pipeline, questions, out, method, batch_size, max_new_tokens, settings)
+
+
+def _answer_missing(pipeline: Pipeline, questions: list[Question], out: Path, method: Method, batch_size: int,
+                    max_new_tokens: int, settings: dict) -> list[dict]:
     repair_torn_tail(out)
     predictions = read_jsonl(out)
     for number, prediction in enumerate(predictions, start=1):
