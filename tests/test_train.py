@@ -277,6 +277,11 @@ def test_offline_fit_on_generated_and_scored_records(tiny, tmp_path):
     records.write_text("".join(json.dumps(line) + "\n" for line in lines))
     with pytest.raises(SystemExit, match=f"srum: error: {records}:1: width: expected a positive integer, got inf"):
         main(_fit_args(tiny, tmp_path / "infinite-width", 2, *offline))
+    official = {"bad_image_file": lines[1]["image_file"], "good_image_file": lines[1]["image_file"], "prompt": "p",
+                "vlm_rewards": [{"object": "global_layout_reward", "bbox": [0, 0, 23.5, 16], "score": 0.5}]}
+    records.write_text(json.dumps(official) + "\n")
+    with pytest.raises(SystemExit, match=f"srum: error: {records}:1: vlm_rewards.0..bbox: .*whole pixel sizes"):
+        main(_fit_args(tiny, tmp_path / "fractional-frame", 2, *offline))
 
 
 def test_lora_trains_adapters_only_and_export_merges_them(tiny, tmp_path):
