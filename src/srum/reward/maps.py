@@ -117,9 +117,13 @@ def grid_values(regions: ScoredRegions, config: MapConfig, ys: Tensor, xs: Tenso
     Returns:
         (B, R, C) float32.
     """
+    return _values_in_boxes(regions, config, ys, xs, pixel_boxes(regions, heights, widths))
+
+
+def _values_in_boxes(regions: ScoredRegions, config: MapConfig, ys: Tensor, xs: Tensor, boxes: Tensor) -> Tensor:
+    """``grid_values`` with the pixel boxes (B, K, 4) already made."""
     if config.ablation == "uniform":
         return torch.ones(len(regions), ys.shape[1], xs.shape[1])
-    boxes = pixel_boxes(regions, heights, widths)  # (B, K, 4)
     x1, y1, x2, y2 = (c[:, None, :] for c in boxes.unbind(-1))  # (B, 1, K)
     in_rows = (ys[..., None] >= y1) & (ys[..., None] < y2)  # (B, R, K)
     in_cols = (xs[..., None] >= x1) & (xs[..., None] < x2)  # (B, C, K)
@@ -198,7 +202,7 @@ def token_rewards(regions: ScoredRegions, frames: list[tuple[int, int]], grids: 
     zeros = torch.zeros(count, 1, dtype=torch.long)
     row_edges = torch.cat([zeros, boxes[..., 1], boxes[..., 3]], 1).sort(1).values  # (B, 2K + 1) cell starts
     col_edges = torch.cat([zeros, boxes[..., 0], boxes[..., 2]], 1).sort(1).values
-    cells = grid_values(regions, config, row_edges, col_edges, heights, widths)  # (B, 2K + 1, 2K + 1)
+    cells = _values_in_boxes(regions, config, row_edges, col_edges, boxes)  # (B, 2K + 1, 2K + 1)
     row_weights = _cell_weights(rows_px, row_w, row_edges)  # (B, R, 2K + 1)
     col_weights = _cell_weights(cols_px, col_w, col_edges)  # (B, C, 2K + 1)
     sampled = (row_weights @ cells @ col_weights.transpose(1, 2)).reshape(count, -1)  # (B, R * C)
