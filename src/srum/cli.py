@@ -304,8 +304,9 @@ def _overview() -> str:
     from srum.eval.cli import EVAL_COMMANDS
     from srum.train.cli import LIGHTNING_COMMANDS
 
-    entries = {**LIGHTNING_COMMANDS, "shapeworld pretrain": "Pretrain ShapeWorld's base model (unified CE + flow "
-               "matching) and write its checkpoint."}
+    entries = {**LIGHTNING_COMMANDS, "plan": "Memory per GPU of a configured run, and the most candidates per GPU "
+               "that fit.", "shapeworld pretrain": "Pretrain ShapeWorld's base model (unified CE + flow matching) and "
+               "write its checkpoint."}
     for name, command in {"validate": EVAL_COMMANDS, **COMMANDS}.items():
         if callable(command):
             entries[name] = (command.__doc__ or "").strip().split("\n")[0]
@@ -345,6 +346,11 @@ def main(args: list[str] | None = None) -> None:
             from srum.train.cli import run_lightning
 
             run_lightning(args if explicit else None)
+            return
+        if args[0] == "plan":
+            from srum.plan.command import plan
+
+            plan(args[1:])
             return
         if args[:2] == ["shapeworld", "pretrain"]:
             from srum.train.cli import run_pretrain

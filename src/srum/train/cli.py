@@ -79,7 +79,7 @@ def _not_noise(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(NOISE)
 
 
-def _quiet_lightning() -> None:
+def quiet_lightning() -> None:
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     for name in NOISY_LOGGERS:
@@ -90,7 +90,7 @@ def _quiet_lightning() -> None:
 
 def run_lightning(args: list[str] | None) -> LightningCLI:
     """LightningCLI over ``args`` (None: the command line)."""
-    _quiet_lightning()
+    quiet_lightning()
     return SRUMCLI(SRUMModule, SRUMDataModule, args=args, save_config_kwargs={"overwrite": True},
                    parser_kwargs={"prog": "srum"})
 
@@ -99,7 +99,7 @@ def run_pretrain(args: list[str]) -> LightningCLI:
     """``srum shapeworld pretrain [options]``: LightningCLI's fit over the ShapeWorld pretraining module."""
     from srum.shapeworld.pretrain import PretrainModule
 
-    _quiet_lightning()
+    quiet_lightning()
 
     return SRUMCLI(PretrainModule, args=["fit", *args], save_config_kwargs={"overwrite": True},
                    parser_kwargs={"prog": "srum"})

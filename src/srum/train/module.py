@@ -19,7 +19,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,6 +117,26 @@ def lora_targets(trainable: str) -> str:
     return (rf".*\.self_attn\.(q|k|v|o)_proj{suffix}|.*\.mlp{suffix}\.(gate|up|down)_proj")
 
 
+def mark_trainable(model: Bagel, trainable: str, lora: LoraConfig | None) -> None:
+    """The vision encoder and connector stay frozen; the sin-cos tables are buffers. With LoRA, adapters are
+    injected and only they train."""
+    model.requires_grad_(False)
+    if lora is not None:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import inject_adapter_in_model
+
+        config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0,
+                                target_modules=lora_targets(trainable))
+        inject_adapter_in_model(config, model)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(".lora_" in name)
+        return
+    for name, parameter in model.named_parameters():
+        if name.startswith(("vit_model.", "connector.")):
+            continue
+        parameter.requires_grad_(trainable == "all" or is_generation_parameter(name))
+
+
 def _warmup(warmup_steps: int):
     return lambda step: min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
 
@@ -197,7 +217,7 @@ class SRUMModule(L.LightningModule):
         self.tokenizer, self.special = load_tokenizer(self.checkpoint)
         if self._needs_reference:
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self._set_trainable(self.model)
+        mark_trainable(self.model, self.trainable, self.lora)
         if self.device_mesh is not None:
             from srum.train.parallel import parallelize
 
@@ -216,25 +236,6 @@ class SRUMModule(L.LightningModule):
     def _needs_reference(self) -> bool:
         pg = self.loss_config.objective == "policy_gradient" and self.loss_config.policy_gradient.kl_weight > 0
         return self.loss_config.constraint == "reference" or pg
-
-    def _set_trainable(self, model: Bagel) -> None:
-        """The vision encoder and connector stay frozen; the sin-cos tables are buffers. With LoRA only the
-        adapters train."""
-        model.requires_grad_(False)
-        if self.lora is not None:
-            from peft import LoraConfig as PeftLoraConfig
-            from peft import inject_adapter_in_model
-
-            config = PeftLoraConfig(r=self.lora.rank, lora_alpha=self.lora.alpha, lora_dropout=0.0,
-                                    target_modules=lora_targets(self.trainable))
-            inject_adapter_in_model(config, model)
-            for name, parameter in model.named_parameters():
-                parameter.requires_grad_(".lora_" in name)
-            return
-        for name, parameter in model.named_parameters():
-            if name.startswith(("vit_model.", "connector.")):
-                continue
-            parameter.requires_grad_(self.trainable == "all" or is_generation_parameter(name))
 
     def configure_optimizers(self):
         parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -406,7 +407,8 @@ class SRUMModule(L.LightningModule):
             metrics["train/region_score_mean"] = sum(scored) / len(scored)
         metrics.update({f"time/{name}_share": value / total for name, value in timing.items()})
         self.log_dict({k: float(v) for k, v in metrics.items()}, batch_size=len(samples.latents))
-        self.last_samples = samples
+        # for RewardGridCallback; without the trajectory, which would otherwise stay held through the next step
+        self.last_samples = replace(samples, trajectory=None)
 
     def _evaluate(self, prompts: list[Prompt], batch_idx: int, stage: str) -> Candidates:
         """Self-reward of fresh rollouts (global score and mean token reward), seeded per batch."""

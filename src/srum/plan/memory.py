@@ -1,0 +1,200 @@
+"""Per-rank memory of an online SRUM run, part by part.
+
+Three kinds of numbers, each row saying which: ``exact`` (from parameter shapes and the sharding rule: what the
+tensors occupy), ``counted`` (what autograd saves, counted by running srum's decoder layer on the meta device at
+the run's token counts), ``estimate`` (transient working memory of inference passes and allocator-level effects,
+from a formula: a bound to leave headroom for, not a measurement). The peak is what is always held plus the
+largest phase: the update, the rollout or the scoring pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from srum.generation.pipeline import vit_size
+from srum.model.autoencoder import build_autoencoder
+from srum.model.config import BagelConfig
+from srum.plan.activations import decoder_layer_bytes, mask_bytes
+from srum.plan.shards import shard_numel, unit_sizes
+
+Phase = Literal["held", "update", "rollout", "scoring"]
+Basis = Literal["exact", "counted", "estimate"]
+PHASES: tuple[Phase, ...] = ("update", "rollout", "scoring")
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What a run's memory depends on, read from its configuration."""
+
+    config: BagelConfig
+    ranks: int
+    """Data-parallel ranks the weights are sharded over."""
+    sharded: bool
+    """FSDP2 (``ModelParallelStrategy``); otherwise every rank holds whole weights."""
+    weight_dtype: torch.dtype
+    """Master weights, gradients and optimizer state."""
+    compute_dtype: torch.dtype
+    """Gathered weights and activations."""
+    activation_checkpointing: bool
+    ema: bool
+    reference: bool
+    """A frozen reference copy (``constraint: reference`` or a policy-gradient KL anchor)."""
+    images_per_prompt: int
+    height: int
+    width: int
+    prompt_tokens: int
+    """Assumed prompt length in tokens (the plan cannot tokenize a prompt file it does not read)."""
+    guidance_contexts: int
+    """Sequences per candidate in a denoising step: 1, plus one per CFG branch."""
+    timesteps: int
+    trajectory: bool
+    """Every denoising step's states are kept for the update (policy gradient)."""
+    self_judge: bool
+    """The model scores its own candidates (ViT, prompt, answer) on the rollout's GPU."""
+    judge_tokens: int = 256
+    """Instruction and answer tokens per scored image (assumed)."""
+    reserve_bytes: int = 0
+    """Kept free for the CUDA context and allocator fragmentation (assumed)."""
+
+    @property
+    def image_tokens(self) -> int:
+        factor = self.config.latent_downsample
+        return (self.height // factor) * (self.width // factor)
+
+    @property
+    def vit_tokens(self) -> int:
+        """Patches of a candidate as the judge's ViT sees it (BAGEL's understanding transform)."""
+        vit = self.config.vit
+        height, width = vit_size(self.height, self.width, vit.patch_size, vit.image_size, min(224, vit.image_size))
+        return (height // vit.patch_size) * (width // vit.patch_size)
+
+
+@dataclass(frozen=True)
+class Row:
+    part: str
+    phase: Phase
+    bytes: int
+    basis: Basis
+
+
+def _numel(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def _no_grad_layer_bytes(config: BagelConfig, tokens: int, dtype: torch.dtype) -> int:
+    """Working memory of one decoder layer without autograd: residual, normed input, q/k/v with repeated KV heads,
+    attention output and the MLP's gate, up and product."""
+    llm = config.llm
+    per_token = 3 * llm.hidden_size + 4 * llm.num_attention_heads * llm.head_dim + 3 * llm.intermediate_size
+    return tokens * per_token * dtype.itemsize
+
+
+def _kv_bytes(config: BagelConfig, tokens: int, dtype: torch.dtype) -> int:
+    llm = config.llm
+    return tokens * llm.num_hidden_layers * 2 * llm.num_key_value_heads * llm.head_dim * dtype.itemsize
+
+
+class MemoryPlan:
+    """The parts of one run; ``rows(images)`` for ``images`` candidates per rank in each step."""
+
+    def __init__(self, model: nn.Module, run: RunShape) -> None:
+        """Args: model: the run's model on the meta device, trainable parameters marked as the run marks them."""
+        self.run = run
+        world = run.ranks if run.sharded else 1
+        self.units = unit_sizes(model, world)
+        with torch.device("meta"):
+            self.autoencoder_numel = _numel(build_autoencoder(run.config.ae))
+        self.reference_shard = sum(shard_numel(tuple(p.shape), world, 0) for name, p in model.named_parameters()
+                                   if ".lora_" not in name)
+        self.text_tokens = run.prompt_tokens + 2  # the image's start and end markers
+        self.layer_bytes = decoder_layer_bytes(run.config.llm, self.text_tokens, run.image_tokens, 1,
+                                               run.compute_dtype)  # per image: samples are apart
+
+    def held(self) -> list[Row]:
+        run, units, weight = self.run, self.units, self.run.weight_dtype.itemsize
+        shard, trained = sum(u.shard for u in units), sum(u.trainable_shard for u in units)
+        rows = [Row("weights (sharded)" if run.sharded else "weights", "held", shard * weight, "exact"),
+                Row("gradients", "held", trained * weight, "exact"),
+                Row("AdamW state", "held", 2 * trained * weight, "exact"),
+                Row("autoencoder", "held", self.autoencoder_numel * weight, "exact")]
+        if run.ema:
+            rows.append(Row("EMA weights", "held", trained * weight, "exact"))
+        if run.reference:
+            rows.append(Row("frozen reference", "held", self.reference_shard * weight, "exact"))
+        return rows
+
+    def gathered(self) -> dict[Phase, Row]:
+        """FSDP2 gathers a unit's weights in the compute dtype for its forward and backward (the next unit is
+        prefetched meanwhile); heads and the root stay gathered. Backward adds the unit's gradient and its float32
+        copy for the reduce-scatter. Unsharded mixed precision caches every weight's low-precision cast instead."""
+        run, compute = self.run, self.run.compute_dtype.itemsize
+        if not run.sharded:
+            casts = sum(u.numel for u in self.units) * compute if run.compute_dtype != run.weight_dtype else 0
+            return {"update": Row("weight casts (autocast)", "update", casts, "estimate")}
+        kept = sum(u.numel for u in self.units if not u.reshard_after_forward or u.name == "root") * compute
+        largest = max(u.numel for u in self.units if u.reshard_after_forward and u.name != "root")
+        return {"update": Row("gathered units", "update", kept + largest * (3 * compute + 4), "estimate"),
+                "rollout": Row("gathered units", "rollout", kept + 2 * largest * compute, "estimate"),
+                "scoring": Row("gathered units", "scoring", kept + 2 * largest * compute, "estimate")}
+
+    def update(self, images: int) -> list[Row]:
+        run, config = self.run, self.run.config
+        dtype, hidden = run.compute_dtype, config.llm.hidden_size
+        text, image, layer = self.text_tokens, run.image_tokens, self.layer_bytes
+        layers = config.llm.num_hidden_layers
+        if run.activation_checkpointing:
+            layers_part = images * (layers * (text + image) * hidden * dtype.itemsize + layer)
+            name = f"activations (checkpointed: {layers} layer inputs + one layer)"
+        else:
+            layers_part, name = images * layers * layer, f"activations ({layers} layers)"
+        outside = images * ((text + image) * hidden * (dtype.itemsize + 8) + image * config.latent_channels * 12)
+        return [Row(name, "update", layers_part + mask_bytes(text, image, images, dtype), "counted"),
+                Row("embeddings, final norm, loss", "update", outside, "estimate")]
+
+    def rollout(self, images: int) -> list[Row]:
+        run, config = self.run, self.run.config
+        dtype, contexts = run.compute_dtype, run.guidance_contexts
+        states = 2 * run.timesteps + 1 if run.trajectory else 1
+        ae = config.ae
+        pixels_channels = ae.ch * ae.ch_mult[0] if ae.kind == "flux" else ae.in_channels
+        return [Row("prompt KV cache", "rollout", _kv_bytes(config, images * contexts * self.text_tokens, dtype),
+                    "exact"),
+                Row("denoising pass", "rollout", _no_grad_layer_bytes(config, images * contexts * run.image_tokens,
+                                                                      dtype), "estimate"),
+                Row("latents" + (" and trajectory" if run.trajectory else ""), "rollout",
+                    images * states * run.image_tokens * config.latent_channels * 4, "exact"),
+                Row("decoding to pixels", "rollout", images * run.height * run.width * pixels_channels * 4 * 3,
+                    "estimate")]
+
+    def scoring(self, images: int) -> list[Row]:
+        run, config = self.run, self.run.config
+        if not run.self_judge:
+            return []
+        tokens = images * (run.vit_tokens + run.judge_tokens)
+        return [Row("judge KV cache", "scoring", _kv_bytes(config, tokens, run.compute_dtype), "estimate"),
+                Row("judge prefill", "scoring", _no_grad_layer_bytes(config, tokens, run.compute_dtype), "estimate")]
+
+    def rows(self, images: int) -> list[Row]:
+        gathered = self.gathered()
+        phases = [*self.update(images), *self.rollout(images), *self.scoring(images)]
+        return [*self.held(), *gathered.values(), *phases]
+
+    def peak(self, images: int) -> int:
+        return peak_bytes(self.rows(images)) + self.run.reserve_bytes
+
+    def largest_images(self, budget: int, limit: int = 4096) -> int:
+        """The most candidates per rank whose peak fits ``budget`` bytes (0: not even one)."""
+        low, high = 0, limit
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if self.peak(middle) <= budget else (low, middle - 1)
+        return low
+
+
+def peak_bytes(rows: list[Row]) -> int:
+    held = sum(r.bytes for r in rows if r.phase == "held")
+    return held + max(sum(r.bytes for r in rows if r.phase == phase) for phase in PHASES)
