@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -108,7 +109,9 @@ class CachedAttention:
     """
 
     def __init__(self, cache: KVCache, padding: _Padding, causal: bool, update: bool) -> None:
-        self.cache, self.padding, self.update = cache, padding, update
+        # A weak reference: the cache keeps its read-only attention, and a cycle would leave a dropped cache (a
+        # fork per scored option) to the garbage collector instead of freeing it at once.
+        self._cache, self.padding, self.update = weakref.ref(cache), padding, update
         device = cache.lengths.device
         self.cached = int(cache.lengths.max()) if cache.batch_size else 0
         longest = padding.longest
@@ -130,7 +133,7 @@ class CachedAttention:
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Args: q (N, Hq, D), k and v (N, Hkv, D) of the packed new tokens. Returns (N, Hq, D)."""
-        padding, cache = self.padding, self.cache
+        padding, cache = self.padding, self._cache()
         keys = torch.cat([cache.keys[layer][:, : self.cached], padding.pad(k)], dim=1)  # (B, C + Lq, Hkv, D)
         values = torch.cat([cache.values[layer][:, : self.cached], padding.pad(v)], dim=1)
         groups = q.shape[1] // k.shape[1]

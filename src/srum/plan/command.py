@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,11 +18,14 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from rich.console import Console
 from rich.table import Table
 
+from srum.generation.pipeline import vit_size
 from srum.model.build import build_on_meta
 from srum.model.checkpoint import read_config
 from srum.model.config import PRESETS, BagelConfig
 from srum.model.shipped import checkpoint_folder
-from srum.plan.memory import PHASES, MemoryPlan, Row, RunShape, peak_bytes
+from srum.model.tokenizer import load_tokenizer
+from srum.plan.judging import judge_passes
+from srum.plan.memory import HELD, MemoryPlan, Row, RunShape, peak_bytes, phase_totals
 from srum.train.cli import quiet_lightning
 from srum.train.data import SRUMDataModule
 from srum.train.module import LoraConfig, SRUMModule, mark_trainable
@@ -56,6 +60,15 @@ def _model_config(checkpoint: Path, preset: str | None) -> tuple[BagelConfig, st
         return BagelConfig.from_name(folder.name.lower()), f"preset {folder.name.lower()} ({folder} not found)"
     raise ValueError(f"{folder}: model.checkpoint: no such checkpoint folder; expected one, or --preset with one "
                      f"of {', '.join(sorted(PRESETS))}")
+
+
+def _token_counter(checkpoint: Path) -> tuple[Callable[[str], int], str]:
+    """The checkpoint's tokenizer when it is on disk; otherwise about four characters per token."""
+    folder = checkpoint_folder(checkpoint)
+    if (folder / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(folder).tokenizer
+        return (lambda text: len(tokenizer.encode(text, add_special_tokens=False))), "its tokenizer"
+    return (lambda text: len(text) // 4 + 1), "about 4 characters per token (no tokenizer on disk)"
 
 
 def _dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
@@ -93,7 +106,12 @@ def read_run(args: list[str], world_size: int | None, preset: str | None, prompt
     config, source = _model_config(module.checkpoint, preset)
     ranks, sharded = _world(trainer, world_size)
     weight_dtype, compute_dtype = _dtypes(str(trainer.precision))
-    sampler = module.rollout.sampler
+    sampler, rollout = module.rollout.sampler, module.rollout
+    count, counted_by = _token_counter(module.checkpoint)
+    vit = config.vit
+    frame = vit_size(rollout.height, rollout.width, vit.patch_size, vit.image_size, min(224, vit.image_size))
+    vit_tokens = (frame[0] // vit.patch_size) * (frame[1] // vit.patch_size)
+    passes = judge_passes(module.scoring, vit_tokens, frame, prompt_tokens, count) if module.mode == "online" else []
     run = RunShape(config=config, ranks=ranks, sharded=sharded, weight_dtype=weight_dtype,
                    compute_dtype=compute_dtype, activation_checkpointing=module.activation_checkpointing,
                    ema=module.ema_decay is not None, reference=module._needs_reference,
@@ -101,8 +119,8 @@ def read_run(args: list[str], world_size: int | None, preset: str | None, prompt
                    width=module.rollout.width, prompt_tokens=prompt_tokens,
                    guidance_contexts=1 + (sampler.cfg_text_scale > 1) + (sampler.cfg_img_scale > 1),
                    timesteps=sampler.num_timesteps, trajectory=module.objective.noise_level is not None,
-                   self_judge=module.scoring.judge in ("self", "describe"), reserve_bytes=reserve)
-    return module, run, data.batch_size * module.rollout.images_per_prompt, source
+                   judge=tuple(passes), reserve_bytes=reserve)
+    return module, run, data.batch_size * module.rollout.images_per_prompt, f"{source}; judge tokens: {counted_by}"
 
 
 def memory_plan(run: RunShape, trainable: str, lora: LoraConfig | None) -> MemoryPlan:
@@ -121,9 +139,9 @@ def _table(rows: list[Row], images: int, budget: int, reserve: int) -> Table:
         table.add_column(name, justify=justify)
     for row in rows:
         table.add_row(row.part, row.phase, _gib(row.bytes), row.basis)
-    held = sum(r.bytes for r in rows if r.phase == "held")
-    for phase in PHASES:
-        table.add_row(f"[bold]held + {phase}", "", _gib(held + sum(r.bytes for r in rows if r.phase == phase)), "")
+    held = sum(r.bytes for r in rows if r.phase == HELD)
+    for phase, total in phase_totals(rows).items():
+        table.add_row(f"[bold]held + {phase}", "", _gib(held + total), "")
     if reserve:
         table.add_row("reserve (CUDA context, fragmentation)", "", _gib(reserve), "assumed")
     peak = peak_bytes(rows) + reserve
@@ -139,6 +157,8 @@ def plan(args: list[str]) -> None:
     parser.add_argument("--preset", default=None, help="model preset instead of the checkpoint's config")
     parser.add_argument("--prompt_tokens", type=int, default=64, help="assumed prompt length in tokens")
     parser.add_argument("--reserve", default="2GiB", help="kept free for the CUDA context and fragmentation")
+    parser.add_argument("--measure_steps", type=int, default=0,
+                        help="also run this many steps on the CPU and compare their measured peak with the plan's")
     own, rest = parser.parse_known_args(args)
     if own.world_size is not None and own.world_size < 1:
         raise ValueError(f"--world_size: expected at least 1, got {own.world_size}")
@@ -172,6 +192,12 @@ def plan(args: list[str]) -> None:
         most = variant.largest_images(budget)
         table.add_row(name, str(most), _gib(variant.peak(most)) if most else f"1 needs {_gib(variant.peak(1))}")
     console.print(table)
+    if own.measure_steps > 0:
+        from srum.plan.measure import measured_peak
+
+        measured = measured_peak(rest, own.measure_steps)
+        console.print(f"measured on the CPU over {own.measure_steps} step(s): peak {_gib(measured)} GiB; planned "
+                      f"{_gib(peak - reserve)} GiB without the reserve ({(peak - reserve) / measured - 1:+.1%})")
     console.print("exact: tensor sizes from shapes and the sharding rule; counted: autograd's saved tensors of srum's "
                   "decoder layer run on the meta device; estimate: working memory from a formula, a bound to leave "
                   "headroom for, not a measurement")

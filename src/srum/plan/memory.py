@@ -15,15 +15,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from srum.generation.pipeline import vit_size
 from srum.model.autoencoder import build_autoencoder
 from srum.model.config import BagelConfig
 from srum.plan.activations import decoder_layer_bytes, mask_bytes
+from srum.plan.judging import JudgePass
 from srum.plan.shards import shard_numel, unit_sizes
 
-Phase = Literal["held", "update", "rollout", "scoring"]
 Basis = Literal["exact", "counted", "estimate"]
-PHASES: tuple[Phase, ...] = ("update", "rollout", "scoring")
+HELD = "held"
 
 
 @dataclass(frozen=True)
@@ -53,10 +52,8 @@ class RunShape:
     timesteps: int
     trajectory: bool
     """Every denoising step's states are kept for the update (policy gradient)."""
-    self_judge: bool
-    """The model scores its own candidates (ViT, prompt, answer) on the rollout's GPU."""
-    judge_tokens: int = 256
-    """Instruction and answer tokens per scored image (assumed)."""
+    judge: tuple[JudgePass, ...] = ()
+    """The judge's passes on the rollout's GPU (none for the checker or an external VLM)."""
     reserve_bytes: int = 0
     """Kept free for the CUDA context and allocator fragmentation (assumed)."""
 
@@ -65,18 +62,13 @@ class RunShape:
         factor = self.config.latent_downsample
         return (self.height // factor) * (self.width // factor)
 
-    @property
-    def vit_tokens(self) -> int:
-        """Patches of a candidate as the judge's ViT sees it (BAGEL's understanding transform)."""
-        vit = self.config.vit
-        height, width = vit_size(self.height, self.width, vit.patch_size, vit.image_size, min(224, vit.image_size))
-        return (height // vit.patch_size) * (width // vit.patch_size)
 
 
 @dataclass(frozen=True)
 class Row:
     part: str
-    phase: Phase
+    phase: str
+    """``held`` all along, or the phase it is part of: ``update``, ``rollout``, ``scoring: <pass>``."""
     bytes: int
     basis: Basis
 
@@ -85,12 +77,16 @@ def _numel(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def _no_grad_layer_bytes(config: BagelConfig, tokens: int, dtype: torch.dtype) -> int:
-    """Working memory of one decoder layer without autograd: residual, normed input, q/k/v with repeated KV heads,
-    attention output and the MLP's gate, up and product."""
+def _cached_layer_bytes(config: BagelConfig, rows: int, cached: int, new: int, dtype: torch.dtype) -> int:
+    """Working memory of one decoder layer without autograd, ``new`` tokens per row after ``cached`` ones in its
+    KV cache (``srum.generation.cache``): keys and values concatenated and repeated to every query head, the
+    additive mask, and the new tokens' queries, attention output, residual and MLP gate, up and product."""
     llm = config.llm
-    per_token = 3 * llm.hidden_size + 4 * llm.num_attention_heads * llm.head_dim + 3 * llm.intermediate_size
-    return tokens * per_token * dtype.itemsize
+    keys = rows * (cached + new) * 2 * (llm.num_key_value_heads + llm.num_attention_heads) * llm.head_dim
+    mask = rows * new * (cached + new)
+    tokens = rows * new * (2 * llm.num_attention_heads * llm.head_dim + 2 * llm.hidden_size
+                           + 3 * llm.intermediate_size)
+    return (keys + mask + tokens) * dtype.itemsize
 
 
 def _kv_bytes(config: BagelConfig, tokens: int, dtype: torch.dtype) -> int:
@@ -117,17 +113,17 @@ class MemoryPlan:
     def held(self) -> list[Row]:
         run, units, weight = self.run, self.units, self.run.weight_dtype.itemsize
         shard, trained = sum(u.shard for u in units), sum(u.trainable_shard for u in units)
-        rows = [Row("weights (sharded)" if run.sharded else "weights", "held", shard * weight, "exact"),
-                Row("gradients", "held", trained * weight, "exact"),
-                Row("AdamW state", "held", 2 * trained * weight, "exact"),
-                Row("autoencoder", "held", self.autoencoder_numel * weight, "exact")]
+        rows = [Row("weights (sharded)" if run.sharded else "weights", HELD, shard * weight, "exact"),
+                Row("gradients", HELD, trained * weight, "exact"),
+                Row("AdamW state", HELD, 2 * trained * weight, "exact"),
+                Row("autoencoder", HELD, self.autoencoder_numel * weight, "exact")]
         if run.ema:
-            rows.append(Row("EMA weights", "held", trained * weight, "exact"))
+            rows.append(Row("EMA weights", HELD, trained * weight, "exact"))
         if run.reference:
-            rows.append(Row("frozen reference", "held", self.reference_shard * weight, "exact"))
+            rows.append(Row("frozen reference", HELD, self.reference_shard * weight, "exact"))
         return rows
 
-    def gathered(self) -> dict[Phase, Row]:
+    def gathered(self) -> dict[str, Row]:
         """FSDP2 gathers a unit's weights in the compute dtype for its forward and backward (the next unit is
         prefetched meanwhile); heads and the root stay gathered. Backward adds the unit's gradient and its float32
         copy for the reduce-scatter. Unsharded mixed precision caches every weight's low-precision cast instead."""
@@ -137,9 +133,9 @@ class MemoryPlan:
             return {"update": Row("weight casts (autocast)", "update", casts, "estimate")}
         kept = sum(u.numel for u in self.units if not u.reshard_after_forward or u.name == "root") * compute
         largest = max(u.numel for u in self.units if u.reshard_after_forward and u.name != "root")
+        phases = ["rollout", *(f"scoring: {p.name}" for p in run.judge)]
         return {"update": Row("gathered units", "update", kept + largest * (3 * compute + 4), "estimate"),
-                "rollout": Row("gathered units", "rollout", kept + 2 * largest * compute, "estimate"),
-                "scoring": Row("gathered units", "scoring", kept + 2 * largest * compute, "estimate")}
+                **{phase: Row("gathered units", phase, kept + 2 * largest * compute, "estimate") for phase in phases}}
 
     def update(self, images: int) -> list[Row]:
         run, config = self.run, self.run.config
@@ -153,30 +149,55 @@ class MemoryPlan:
             layers_part, name = images * layers * layer, f"activations ({layers} layers)"
         outside = images * ((text + image) * hidden * (dtype.itemsize + 8) + image * config.latent_channels * 12)
         return [Row(name, "update", layers_part + mask_bytes(text, image, images, dtype), "counted"),
-                Row("embeddings, final norm, loss", "update", outside, "estimate")]
+                Row("embeddings, final norm, loss", "update", outside, "estimate"),
+                Row(self._candidates_name, "update", self._candidates_bytes(images), "exact")]
+
+    @property
+    def _candidates_name(self) -> str:
+        return "candidates' latents" + (" and SDE trajectory" if self.run.trajectory else "")
+
+    def _candidates_bytes(self, images: int) -> int:
+        """The rollout's clean latents (float32), and with a trajectory each step's state and next state."""
+        run = self.run
+        states = 1 + (2 * (run.timesteps - 1) if run.trajectory else 0)
+        return images * states * run.image_tokens * run.config.latent_channels * 4
 
     def rollout(self, images: int) -> list[Row]:
         run, config = self.run, self.run.config
-        dtype, contexts = run.compute_dtype, run.guidance_contexts
-        states = 2 * run.timesteps + 1 if run.trajectory else 1
+        dtype, rows = run.compute_dtype, images * run.guidance_contexts
         ae = config.ae
         pixels_channels = ae.ch * ae.ch_mult[0] if ae.kind == "flux" else ae.in_channels
-        return [Row("prompt KV cache", "rollout", _kv_bytes(config, images * contexts * self.text_tokens, dtype),
-                    "exact"),
-                Row("denoising pass", "rollout", _no_grad_layer_bytes(config, images * contexts * run.image_tokens,
-                                                                      dtype), "estimate"),
-                Row("latents" + (" and trajectory" if run.trajectory else ""), "rollout",
-                    images * states * run.image_tokens * config.latent_channels * 4, "exact"),
+        return [Row("prompt KV cache", "rollout", _kv_bytes(config, rows * self.text_tokens, dtype), "exact"),
+                Row("denoising pass (one layer)", "rollout",
+                    _cached_layer_bytes(config, rows, self.text_tokens, run.image_tokens, dtype), "estimate"),
+                Row(self._candidates_name, "rollout", self._candidates_bytes(images), "exact"),
                 Row("decoding to pixels", "rollout", images * run.height * run.width * pixels_channels * 4 * 3,
                     "estimate")]
 
     def scoring(self, images: int) -> list[Row]:
-        run, config = self.run, self.run.config
-        if not run.self_judge:
-            return []
-        tokens = images * (run.vit_tokens + run.judge_tokens)
-        return [Row("judge KV cache", "scoring", _kv_bytes(config, tokens, run.compute_dtype), "estimate"),
-                Row("judge prefill", "scoring", _no_grad_layer_bytes(config, tokens, run.compute_dtype), "estimate")]
+        """Each judge pass is its own phase: the contexts' KV caches (grown by the decoded answer), their copies
+        per scored option, one layer's working memory and the logits."""
+        run, config, dtype = self.run, self.run.config, self.run.compute_dtype
+        vocab = config.llm.vocab_size
+        rows = []
+        for judge_pass in run.judge:
+            phase, contexts = f"scoring: {judge_pass.name}", images * judge_pass.contexts_per_image
+            length, new = judge_pass.context_tokens, judge_pass.new_tokens
+            if judge_pass.forks == 1:  # decoding: the cache grows by the answer, one token per step
+                cache = _kv_bytes(config, contexts * (length + new), dtype)
+                working = max(_cached_layer_bytes(config, contexts, 0, length, dtype),
+                              _cached_layer_bytes(config, contexts, length + new, 1, dtype))
+                logits = contexts * vocab * 4 * 2
+            else:  # teacher-forced options: every option row holds a copy of its context's cache
+                forked = contexts * judge_pass.forks
+                cache = _kv_bytes(config, (contexts + forked) * length, dtype)
+                working = max(_cached_layer_bytes(config, contexts, 0, length, dtype),
+                              _cached_layer_bytes(config, forked, length, new, dtype))
+                logits = forked * new * vocab * (dtype.itemsize + 8)
+            rows += [Row(f"{judge_pass.name}: KV caches", phase, cache, "estimate"),
+                     Row(f"{judge_pass.name}: one layer's working memory", phase, working, "estimate"),
+                     Row(f"{judge_pass.name}: logits", phase, logits, "estimate")]
+        return rows
 
     def rows(self, images: int) -> list[Row]:
         gathered = self.gathered()
@@ -195,6 +216,14 @@ class MemoryPlan:
         return low
 
 
+def phase_totals(rows: list[Row]) -> dict[str, int]:
+    """What each phase holds on top of what is held all along."""
+    totals: dict[str, int] = {}
+    for row in rows:
+        if row.phase != HELD:
+            totals[row.phase] = totals.get(row.phase, 0) + row.bytes
+    return totals
+
+
 def peak_bytes(rows: list[Row]) -> int:
-    held = sum(r.bytes for r in rows if r.phase == "held")
-    return held + max(sum(r.bytes for r in rows if r.phase == phase) for phase in PHASES)
+    return sum(r.bytes for r in rows if r.phase == HELD) + max(phase_totals(rows).values(), default=0)

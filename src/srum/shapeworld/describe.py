@@ -38,6 +38,10 @@ def read_description(text: str) -> tuple[Scene, int]:
     return Scene(tuple(objects.values())), unread
 
 
+DESCRIPTION_TOKENS = 48
+"""Longest description decoded, in tokens."""
+
+
 class DescriptionJudge:
     """Scores like ``SelfScorer.score``, from the model's greedy description of each picture.
 
@@ -45,7 +49,7 @@ class DescriptionJudge:
     every described object is a region (its grid cell), scored 1 if the prompt asks for its colour and shape and
     -1 otherwise. Both score kinds hold the same value; the description is kept in ``answers``."""
 
-    def __init__(self, pipeline, aggregate: str = "product", max_new_tokens: int = 48) -> None:
+    def __init__(self, pipeline, aggregate: str = "product", max_new_tokens: int = DESCRIPTION_TOKENS) -> None:
         if aggregate not in ("product", "mean"):
             raise ValueError(f"aggregate: expected product or mean, got {aggregate!r}")
         self.pipeline, self.aggregate = pipeline, aggregate
