@@ -53,3 +53,24 @@ def test_vit_resize_follows_bagel_rules(size, expected):
     resized = resize_for_vit(image, patch=14, max_side=980)
     assert tuple(resized.shape[-2:]) == expected
     assert all(side % 14 == 0 for side in resized.shape[-2:])
+
+
+def test_options_scored_on_a_shared_context_equal_one_copy_of_the_context_per_option(pipeline):
+    """The reference: every option gets its own copy of its context's cache and is scored alone, in float64."""
+    model = pipeline.model.double()
+    try:
+        images = [torch.rand(3, *size, dtype=torch.float64) * 2 - 1 for size in ((28, 42), (14, 14))]
+        contexts = pipeline._image_contexts(images, ["score?", "how many?"], think=False)
+        options = [[pipeline.encode(o) for o in ["-1.0", "0.5", "1", "no"]], [pipeline.encode("yes")]]
+        shared = candidate_logprobs(contexts, options)
+        for context, own in enumerate(options):
+            for index, option in enumerate(own):
+                run = [pipeline.special.bos_token_id, *option]
+                alone = contexts.fork(torch.tensor([context])).score_tokens([run])[0]
+                logprobs = torch.log_softmax(alone.float(), dim=-1)
+                expected = logprobs[torch.arange(len(run) - 1), torch.tensor(run[1:])].sum()
+                torch.testing.assert_close(shared[context][index], expected, rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="non-empty runs"):
+            contexts.score_runs([[[1]], []])
+    finally:
+        model.float()

@@ -81,13 +81,15 @@ class KVCache:
                 new[:, :capacity] = old
                 store[index] = new
 
-    def attention(self, query_lens: Tensor, causal: bool, update: bool) -> CachedAttention:
+    def attention(self, query_lens: Tensor, causal: bool, update: bool, runs: Tensor | None = None
+                  ) -> CachedAttention:
         """The ``Attend`` of one forward whose queries (``query_lens`` per context, packed) follow each context.
+        ``runs`` (N,) splits each context's query into independent causal runs (see :class:`CachedAttention`).
 
         A read-only attention is kept and reused while the cache and the query shape stay the same: the
         denoising steps of one image share their masks and padding."""
-        if update:
-            return CachedAttention(self, _Padding.of(query_lens), causal, update)
+        if update or runs is not None:
+            return CachedAttention(self, _Padding.of(query_lens), causal, update, runs)
         key = (self.version, causal, tuple(query_lens.tolist()))
         if self._read_only is None or self._read_only[0] != key:
             self._read_only = (key, CachedAttention(self, _Padding.of(query_lens), causal, update=False))
@@ -105,10 +107,16 @@ class CachedAttention:
 
     Text is causal with bottom-right alignment (a new token sees the whole cache and the new tokens up to
     itself); image blocks are non-causal. With ``update`` the new keys and values are appended to the cache
-    (text and clean images); denoising queries read the cache without writing it.
+    (text and clean images); denoising queries read the cache without writing it. With ``runs`` (the run index
+    of each packed query token, causal only), a context's query is several independent runs that each see the
+    whole cache and their own earlier tokens only: options scored against one shared context instead of a copy
+    of the context per option.
     """
 
-    def __init__(self, cache: KVCache, padding: _Padding, causal: bool, update: bool) -> None:
+    def __init__(self, cache: KVCache, padding: _Padding, causal: bool, update: bool,
+                 runs: Tensor | None = None) -> None:
+        if runs is not None and (update or not causal):
+            raise ValueError("runs: independent runs are read-only causal text; expected update off, causal on")
         # A weak reference: the cache keeps its read-only attention, and a cycle would leave a dropped cache (a
         # fork per scored option) to the garbage collector instead of freeing it at once.
         self._cache, self.padding, self.update = weakref.ref(cache), padding, update
@@ -120,6 +128,9 @@ class CachedAttention:
         new_visible = cols[None] < padding.query_lens[:, None, None]  # (B, 1, Lq)
         if causal:
             new_visible = new_visible & (cols <= rows)[None]  # (B, Lq, Lq)
+        if runs is not None:
+            run = padding.pad(runs)  # (B, Lq)
+            new_visible = new_visible & (run[:, :, None] == run[:, None, :])
         cache_visible = torch.arange(self.cached, device=device)[None, :] < cache.lengths[:, None]  # (B, C)
         mask = torch.cat([cache_visible[:, None, :].expand(-1, longest, -1),
                           new_visible.expand(-1, longest, -1)], dim=2)  # (B, Lq, C + Lq)

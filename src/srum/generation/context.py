@@ -97,6 +97,27 @@ class ContextBatch:
         return self.score_tokens([[int(t)] for t in token_ids], update=True)[:, 0]
 
     @torch.no_grad()
+    def score_runs(self, runs: list[list[list[int]]]) -> list[list[Tensor]]:
+        """Teacher-forced next-token logits of several raw token runs per context, each run as if it alone
+        followed its context (same positions, sees the whole context and its own earlier tokens), in one pass
+        over the shared cache: per context, per run, (run length, vocab)."""
+        if len(runs) != self.batch_size or not all(own and all(own) for own in runs):
+            raise ValueError(f"expected one or more non-empty runs for each of the {self.batch_size} contexts, got "
+                             f"{[[len(run) for run in own] for own in runs]}")
+        query = self._pack([Text([token for run in own for token in run], wrap=False) for own in runs])
+        lengths = [[len(run) for run in own] for own in runs]
+        query_lens = torch.tensor(query.layout.sample_lens, device=self.device)
+        sample = torch.repeat_interleave(torch.arange(self.batch_size, device=self.device), query_lens)
+        offsets = torch.cat([torch.arange(n) for own in lengths for n in own]).to(self.device)
+        run_ids = torch.cat([torch.full((n,), index) for own in lengths for index, n in enumerate(own)])
+        embeds = self.model.embed(query, query.latent_tokens)
+        attend = self.cache.attention(query_lens, causal=True, update=False, runs=run_ids.to(self.device))
+        hidden = self.model.hidden_states(query, embeds, attend, offsets + self.cache.positions[sample])
+        logits = self.model.language_model.lm_head(hidden)  # (N, vocab)
+        per_context = logits.split([sum(own) for own in lengths])
+        return [list(part.split(own)) for part, own in zip(per_context, lengths, strict=True)]
+
+    @torch.no_grad()
     def score_tokens(self, token_ids: list[list[int]], update: bool = False) -> Tensor:
         """Teacher-forced next-token logits of a raw token run per context (no markers added), causal after the
         cache: (B, longest run, vocab), rows past a context's run are zero."""

@@ -79,16 +79,17 @@ def candidate_logprobs(contexts: ContextBatch, candidates: list[list[list[int]]]
     """Log-probability of each candidate continuation under the model, in one teacher-forced pass.
 
     ``candidates[b]`` lists token-id continuations for context b; each is scored as an answer that starts with
-    ``<|im_start|>`` at the context's next position (as ``generate_text`` would produce it). Returns one (K_b,)
-    float32 tensor of summed token log-probabilities per context.
+    ``<|im_start|>`` at the context's next position (as ``generate_text`` would produce it). The candidates of a
+    context share its cache (no copy per candidate: a judge scoring 21 options of a 5,000-token context holds
+    one context, not 21). Returns one (K_b,) float32 tensor of summed token log-probabilities per context.
     """
-    rows = torch.tensor([b for b, options in enumerate(candidates) for _ in options], device=contexts.device)
-    runs = [[contexts.special.bos_token_id, *option] for options in candidates for option in options]
-    logits = contexts.fork(rows).score_tokens(runs)  # (R, longest, vocab)
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    totals = []
-    for row, run in enumerate(runs):
-        targets = torch.tensor(run[1:], device=logprobs.device)
-        totals.append(logprobs[row, torch.arange(len(targets), device=logprobs.device), targets].sum())
-    scores = torch.stack(totals) if totals else torch.zeros(0)
-    return list(scores.split([len(options) for options in candidates]))
+    runs = [[[contexts.special.bos_token_id, *option] for option in options] for options in candidates]
+    scores = []
+    for own, logits in zip(runs, contexts.score_runs(runs), strict=True):
+        totals = []
+        for run, run_logits in zip(own, logits, strict=True):
+            logprobs = torch.log_softmax(run_logits[:-1].float(), dim=-1)
+            targets = torch.tensor(run[1:], device=logprobs.device)
+            totals.append(logprobs[torch.arange(len(targets), device=logprobs.device), targets].sum())
+        scores.append(torch.stack(totals) if totals else torch.zeros(0))
+    return scores

@@ -18,13 +18,13 @@ CONTEXT_MARKERS = 4
 @dataclass(frozen=True)
 class JudgePass:
     """One no-grad pass: ``contexts_per_image`` contexts per candidate, each ``context_tokens`` long (ViT
-    patches, markers, instruction), forked into ``forks`` rows that each add ``new_tokens`` (teacher-forced
-    options), or decoding ``new_tokens`` answer tokens when ``forks`` is 1."""
+    patches, markers, instruction), then either ``options`` teacher-forced runs of up to ``new_tokens`` each,
+    scored together against the shared context, or (``options`` 0) ``new_tokens`` answer tokens decoded."""
 
     name: str
     contexts_per_image: int
     context_tokens: int
-    forks: int
+    options: int
     new_tokens: int
 
 
@@ -38,7 +38,7 @@ def judge_passes(scoring: ScoringConfig, vit_tokens: int, frame: tuple[int, int]
         from srum.shapeworld.describe import DESCRIPTION_TOKENS
         from srum.shapeworld.tasks import CAPTION_QUESTION
 
-        return [JudgePass("description", 1, vit_tokens + count(CAPTION_QUESTION) + CONTEXT_MARKERS, 1,
+        return [JudgePass("description", 1, vit_tokens + count(CAPTION_QUESTION) + CONTEXT_MARKERS, 0,
                           DESCRIPTION_TOKENS)]
     scorer, instructions = scoring.scorer, scoring_instructions(scoring.instructions)
     height, width = frame
@@ -53,11 +53,11 @@ def judge_passes(scoring: ScoringConfig, vit_tokens: int, frame: tuple[int, int]
                           1 + max(count(answer) for answer in YES_NO))]
     passes = []
     if scorer.method in ("text", "both"):
-        passes += [JudgePass("global answer", 1, context(instructions.global_instruction("")), 1,
+        passes += [JudgePass("global answer", 1, context(instructions.global_instruction("")), 0,
                              scorer.max_new_tokens_global),
                    JudgePass("region answer", 1, context(instructions.region_instruction("", [box] * regions, width,
                                                                                          height)),
-                             1, scorer.max_new_tokens_regions)]
+                             0, scorer.max_new_tokens_regions)]
     if scorer.method in ("expected", "both"):
         options = [SCORE_PREFIX + value for value in score_candidates(scorer.score_step)]
         longest = 1 + max(count(option) for option in options)

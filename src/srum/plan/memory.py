@@ -175,25 +175,25 @@ class MemoryPlan:
                     "estimate")]
 
     def scoring(self, images: int) -> list[Row]:
-        """Each judge pass is its own phase: the contexts' KV caches (grown by the decoded answer), their copies
-        per scored option, one layer's working memory and the logits."""
+        """Each judge pass is its own phase: the contexts' KV caches (grown by a decoded answer), one layer's
+        working memory (the prefill or the options' pass) and the logits."""
         run, config, dtype = self.run, self.run.config, self.run.compute_dtype
         vocab = config.llm.vocab_size
         rows = []
         for judge_pass in run.judge:
             phase, contexts = f"scoring: {judge_pass.name}", images * judge_pass.contexts_per_image
             length, new = judge_pass.context_tokens, judge_pass.new_tokens
-            if judge_pass.forks == 1:  # decoding: the cache grows by the answer, one token per step
+            if judge_pass.options == 0:  # decoding: the cache grows by the answer, one token per step
                 cache = _kv_bytes(config, contexts * (length + new), dtype)
                 working = max(_cached_layer_bytes(config, contexts, 0, length, dtype),
                               _cached_layer_bytes(config, contexts, length + new, 1, dtype))
                 logits = contexts * vocab * 4 * 2
-            else:  # teacher-forced options: every option row holds a copy of its context's cache
-                forked = contexts * judge_pass.forks
-                cache = _kv_bytes(config, (contexts + forked) * length, dtype)
+            else:  # teacher-forced options: one query of all of a context's options over its shared cache
+                new *= judge_pass.options
+                cache = _kv_bytes(config, contexts * length, dtype)
                 working = max(_cached_layer_bytes(config, contexts, 0, length, dtype),
-                              _cached_layer_bytes(config, forked, length, new, dtype))
-                logits = forked * new * vocab * (dtype.itemsize + 8)
+                              _cached_layer_bytes(config, contexts, length, new, dtype))
+                logits = contexts * new * vocab * (dtype.itemsize + 8)
             rows += [Row(f"{judge_pass.name}: KV caches", phase, cache, "estimate"),
                      Row(f"{judge_pass.name}: one layer's working memory", phase, working, "estimate"),
                      Row(f"{judge_pass.name}: logits", phase, logits, "estimate")]
