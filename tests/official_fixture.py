@@ -15,6 +15,9 @@ from torch import Tensor
 
 from srum.model.checkpoint import read_config
 from srum.model.config import AEConfig, BagelConfig
+from srum.model.packing import PackedBatch, Text, VaeImage, VitImage, pack
+from srum.model.patches import unpatchify
+from srum.model.tokenizer import SpecialTokens
 
 AE_PARAMS_NOT_FIELDS = ("resolution", "downsample")  # no effect on the computation (see the fixture's cases.md)
 
@@ -45,6 +48,22 @@ class OfficialFixture:
     @property
     def special_token_ids(self) -> dict[str, int]:
         return self.fixture_config["new_token_ids"]
+
+    def case_a(self) -> PackedBatch:
+        """Case a packed by srum from its sample plans (the recorded tensors are only used to check)."""
+        cases, config = self.cases, self.config
+        special = SpecialTokens(**self.special_token_ids)
+        rows, cols = cases["a.in.patchified_vae_latent_shapes"][0].tolist()
+        patch = config.latent_patch_size
+        latent = cases["a.in.padded_latent"][0, :, : rows * patch, : cols * patch]
+        t = float(cases["a.derived.t_shifted"][0])
+        vit_rows = vit_cols = int(cases["a.in.packed_vit_tokens"].shape[0] ** 0.5)
+        vit_image = unpatchify(cases["a.in.packed_vit_tokens"], vit_rows, vit_cols, config.vit.patch_size)
+        samples = [
+            [Text([11, 22, 33, 44, 55]), VaeImage(latent, timestep=t)],
+            [VitImage(vit_image), Text([101, 102, 103]), Text([201, 202, 203, 204], loss=True)],
+        ]
+        return pack(samples, config, special)
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:

@@ -10,9 +10,6 @@ from safetensors.torch import load_file
 from srum.model.attention import dense_masks
 from srum.model.checkpoint import load_checkpoint
 from srum.model.embeddings import sincos_2d_table
-from srum.model.packing import Text, VaeImage, VitImage, pack
-from srum.model.patches import unpatchify
-from srum.model.tokenizer import SpecialTokens
 
 from .official_fixture import OfficialFixture, relative_error
 
@@ -32,20 +29,7 @@ def checkpoint(fixture):
 
 @pytest.fixture(scope="module")
 def case_a(fixture):
-    """Case a packed by srum from its sample plans (the recorded tensors are only used to check)."""
-    cases, config = fixture.cases, fixture.config
-    special = SpecialTokens(**fixture.special_token_ids)
-    rows, cols = cases["a.in.patchified_vae_latent_shapes"][0].tolist()
-    patch = config.latent_patch_size
-    latent = cases["a.in.padded_latent"][0, :, : rows * patch, : cols * patch]
-    t = float(cases["a.derived.t_shifted"][0])
-    vit_rows = vit_cols = int(cases["a.in.packed_vit_tokens"].shape[0] ** 0.5)
-    vit_image = unpatchify(cases["a.in.packed_vit_tokens"], vit_rows, vit_cols, config.vit.patch_size)
-    samples = [
-        [Text([11, 22, 33, 44, 55]), VaeImage(latent, timestep=t)],
-        [VitImage(vit_image), Text([101, 102, 103]), Text([201, 202, 203, 204], loss=True)],
-    ]
-    return pack(samples, config, special)
+    return fixture.case_a()
 
 
 def test_sincos_tables_recompute_the_stored_ones(fixture):

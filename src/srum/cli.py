@@ -22,13 +22,12 @@ from srum.io.jsonl import rewrite_jsonl
 from srum.model.attention import Backend
 from srum.model.autoencoder import build_autoencoder
 from srum.model.build import build_on_meta, build_random, count_parameters
-from srum.model.checkpoint import read_config, save_checkpoint
+from srum.model.checkpoint import read_config, write_random_checkpoint
 from srum.model.config import BagelConfig
 from srum.model.overfit import overfit
 from srum.model.packing import pack
 from srum.model.shipped import checkpoint_identity
 from srum.model.synthetic import SampleFactory, special_tokens_for
-from srum.model.tokenizer import build_small_tokenizer
 from srum.reward.instructions import DEFAULT_INSTRUCTIONS, read_instructions
 from srum.reward.proposals import build_proposer
 from srum.reward.records import ScoreKind, load_records
@@ -81,10 +80,7 @@ def model_init(preset: str, out: Path, seed: int = 0) -> None:
     size = count_parameters(build_on_meta(config))
     if size > MAX_INIT_PARAMETERS:
         raise ValueError(f"preset {preset!r}: {size:,} parameters; model init is for small presets only")
-    model = build_random(config, seed)
-    autoencoder = build_autoencoder(config.ae)
-    save_checkpoint(out, model, autoencoder)
-    build_small_tokenizer(out, vocab_size=config.llm.vocab_size)
+    write_random_checkpoint(out, config, seed, tokenizer_vocab=config.llm.vocab_size)
     log.info("wrote %s (%s, %s parameters, seed %d)", out, preset, f"{size:,}", seed)
 
 

@@ -25,9 +25,10 @@ from srum.io.atomic import atomic_write
 from srum.io.jsonl import write_json
 from srum.model.autoencoder import build_autoencoder
 from srum.model.bagel import Bagel
-from srum.model.build import reset_buffers
+from srum.model.build import build_random, reset_buffers
 from srum.model.config import AEConfig, BagelConfig, LLMConfig, ViTConfig, read_json
 from srum.model.shipped import CheckpointError, checkpoint_folder
+from srum.model.tokenizer import build_small_tokenizer
 
 LLM_CONFIG, VIT_CONFIG, SRUM_CONFIG = "llm_config.json", "vit_config.json", "srum_config.json"
 AE_WEIGHTS = "ae.safetensors"
@@ -177,3 +178,12 @@ def save_checkpoint(folder: str | Path, model: Bagel, autoencoder: nn.Module | N
     if autoencoder is not None and config.ae.kind == "flux":
         _write_safetensors(folder / AE_WEIGHTS, autoencoder, None)
     return folder
+
+
+def write_random_checkpoint(folder: str | Path, config: BagelConfig, seed: int = 0, *, tokenizer_vocab: int = 512,
+                            dtype: torch.dtype | None = None) -> Path:
+    """A randomly initialised checkpoint folder of ``config`` (official layout) with a small BPE tokenizer of
+    at most ``tokenizer_vocab`` entries (the embedding keeps the config's vocabulary size)."""
+    save_checkpoint(folder, build_random(config, seed), build_autoencoder(config.ae), dtype=dtype)
+    build_small_tokenizer(folder, vocab_size=min(tokenizer_vocab, config.llm.vocab_size))
+    return Path(folder)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,9 +98,7 @@ def read_run(args: list[str], world_size: int | None, preset: str | None, prompt
     """The run's module settings, its memory shape, its candidates per rank and where the model config came
     from."""
     quiet_lightning()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args are the plan's leftovers
-        cli = _ReadOnlyCLI(SRUMModule, SRUMDataModule, run=False, args=args, parser_kwargs={"prog": "srum plan"})
+    cli = _ReadOnlyCLI(SRUMModule, SRUMDataModule, run=False, args=args, parser_kwargs={"prog": "srum plan"})
     module, trainer, data = cli.model, cli.config_init.trainer, cli.datamodule
     config, source = _model_config(module.checkpoint, preset)
     ranks, sharded = _world(trainer, world_size)

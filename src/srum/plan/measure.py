@@ -47,21 +47,26 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def measured_peak(fit_args: list[str], steps: int) -> int:
-    """Peak bytes of ``srum fit`` over ``fit_args`` (a CPU run) for ``steps`` optimizer steps, without the
-    configured callbacks, logger and checkpoints (the plan sizes the training step, not its reports)."""
+def fit_steps(fit_args: list[str], steps: int) -> None:
+    """``srum fit`` over ``fit_args`` for ``steps`` optimizer steps, without the configured callbacks, logger and
+    checkpoints (the plan sizes the training step, not its reports)."""
     from srum.train.cli import run_lightning
 
     with tempfile.TemporaryDirectory() as folder:
-        args = ["fit", *fit_args, "--trainer.max_steps", str(steps), "--trainer.callbacks", "[]",
-                "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-                "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", folder]
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            with PeakMemory() as tracker:
-                run_lightning(args)
-        finally:
-            if collecting:
-                gc.enable()
+        run_lightning(["fit", *fit_args, "--trainer.max_steps", str(steps), "--trainer.callbacks", "[]",
+                       "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+                       "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                       "--trainer.default_root_dir", folder])
+
+
+def measured_peak(fit_args: list[str], steps: int) -> int:
+    """Peak bytes of :func:`fit_steps` on the CPU."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with PeakMemory() as tracker:
+            fit_steps(fit_args, steps)
+    finally:
+        if collecting:
+            gc.enable()
     return tracker.peak

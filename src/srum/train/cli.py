@@ -64,6 +64,7 @@ EXPECTED_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning
     r"Starting from v1\.9\.0, `tensorboardX` has been removed",  # the CSV logger is the default on purpose
     r"Using ModelCheckpoint with manual optimization",  # the step's state is saved whole; resume is exact (tested)
+    r"LightningCLI's args parameter",  # srum hands LightningCLI the arguments it built (plan, measurements)
 )
 """Lightning warnings about what srum does deliberately: silenced so that what is left is worth reading."""
 

@@ -1,4 +1,4 @@
-"""The constrained dense-reward loss on a GPU, kernel against kernel: ``python benchmarks_perf/gpu_comparison.py``.
+"""The constrained dense-reward loss, kernel against kernel: the ``loss`` section of ``gpu_check.sh``.
 
 At the official sizes (8, 16 and 32 images of 64 x 64 latent tokens x 64 channels, 1024 x 1024 reward maps) it
 compares forward + backward of:
@@ -15,13 +15,13 @@ kernels, not the host: one call at a time after an L2 flush (a write of twice th
 CUDA events; and 20 calls back to back between one pair (the steady state). Bytes
 counted for the fused kernel are those it must move forward (read velocity and target, four map samples per
 token, write the float32 gradient) and backward (read the gradient, write the velocity's gradient), compared with
-the measured device-to-device copy bandwidth. ``--json FILE`` also writes the numbers.
+the measured device-to-device copy bandwidth. On the CPU (``--cpu``) only the checks run, at small sizes, the
+fused kernel in the Triton interpreter.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -44,15 +44,17 @@ CONFIG = LossConfig()
 
 
 def providers(device: str, grids: list[tuple[int, int]], maps: list[Tensor]) -> dict[str, Callable]:
-    """Loss functions of (velocity, target, maps, grids); ``triton`` only on CUDA, with its layout prebuilt."""
+    """Loss functions of (velocity, target, maps, grids); ``triton`` on CUDA or in the Triton interpreter, with
+    its layout prebuilt; ``official-compiled`` on CUDA."""
     found: dict[str, Callable] = {
         "official-eager": official_loop,
         "vectorised": lambda v, t, m, g: dense_reward_flow_loss(v, t, t, m, g, CONFIG, impl="torch"),
     }
     if device == "cuda":
+        found["official-compiled"] = torch.compile(official_loop, dynamic=False)
+    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         from srum_kernels.reward_flow import FusedRewardFlowLoss, RaggedLayout
 
-        found["official-compiled"] = torch.compile(official_loop, dynamic=False)
         layout = RaggedLayout.build(maps, grids, torch.device(device))
         found["triton"] = lambda v, t, m, g: FusedRewardFlowLoss.apply(v, t, t, layout, CONFIG.constraint_weight,
                                                                        False, CONFIG.margin, float(v.shape[0]))
@@ -70,10 +72,11 @@ def check_against_reference(inputs: Inputs, functions: dict[str, Callable], rtol
     for name, function in functions.items():
         loss = function(velocity, target, maps, grids)
         (grad,) = torch.autograd.grad(loss, velocity)
+        loss = loss.detach()
         errors[name] = max(abs(float(loss) - float(expected)) / abs(float(expected)),
                            float((grad.double() - expected_grad).abs().max() / expected_grad.abs().max()))
         if errors[name] > rtol:
-            raise SystemExit(f"gpu_comparison: {name} differs from the float64 reference by {errors[name]:.2e} "
+            raise SystemExit(f"gpu_check loss: {name} differs from the float64 reference by {errors[name]:.2e} "
                              f"(allowed {rtol:.0e}); not timing it")
     return errors
 
@@ -138,43 +141,27 @@ def forward_backward(function: Callable, inputs: Inputs) -> Callable[[], None]:
     return call
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, help="also write the numbers here")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_comparison: needs a CUDA GPU")
-    from rich.console import Console
-    from rich.table import Table
-
-    dtype = getattr(torch, args.dtype)
+def section(device: str) -> dict:
+    """Checks, then (on CUDA) times, every provider; returns the rows of the results file."""
+    if device != "cuda":
+        inputs = make_inputs(3, device, map_side=96, grid=8)
+        errors = check_against_reference(inputs, providers(device, inputs[3], inputs[2]))
+        return {"checked": {name: {"max_rel_error": error} for name, error in errors.items()}}
     bandwidth = copy_bandwidth()
-    table = Table(title=f"{torch.cuda.get_device_name()} ({args.dtype}; copy bandwidth {bandwidth:.0f} GB/s)")
-    for column in ("images", "provider", "fwd+bwd ms (L2 flushed)", "ms (20 calls per event pair)",
-                   "vs official-eager", "vs official-compiled", "% of copy bandwidth", "max rel. error"):
-        table.add_column(column, justify="right")
-    results = {"device": torch.cuda.get_device_name(), "copy_gbps": bandwidth, "dtype": args.dtype, "runs": []}
+    runs = []
     for images in (8, 16, 32):
-        inputs = make_inputs(images, "cuda", dtype, map_side=OFFICIAL_MAP)
+        inputs = make_inputs(images, "cuda", torch.float32, map_side=OFFICIAL_MAP)
         functions = providers("cuda", inputs[3], inputs[2])
-        errors = check_against_reference(inputs, functions, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+        errors = check_against_reference(inputs, functions)
         timings = {name: kernel_milliseconds(forward_backward(f, inputs)) for name, f in functions.items()}
         steady = {name: steady_milliseconds(forward_backward(f, inputs)) for name, f in functions.items()}
-        moved = loss_bytes(images, torch.finfo(dtype).bits // 8)
+        moved = loss_bytes(images, 4)
+        copy_ms = moved / (bandwidth * 1e9) * 1e3  # a device-to-device copy of the same bytes
         for name, milliseconds in timings.items():
-            share = moved / (milliseconds / 1e3) / 1e9 / bandwidth * 100
-            table.add_row(str(images), name, f"{milliseconds:.3f}", f"{steady[name]:.3f}",
-                          f"{timings['official-eager'] / milliseconds:.2f}x",
-                          f"{timings['official-compiled'] / milliseconds:.2f}x",
-                          f"{share:.0f}%" if name == "triton" else "", f"{errors[name]:.1e}")
-            results["runs"].append({"images": images, "provider": name, "ms": milliseconds,
-                                    "steady_ms": steady[name], "error": errors[name],
-                                    "bytes": moved if name == "triton" else None})
-    Console().print(table)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+            runs.append({"images": images, "provider": name, "ms": milliseconds, "steady_ms": steady[name],
+                         "vs_official_eager": timings["official-eager"] / milliseconds,
+                         "vs_official_compiled": timings["official-compiled"] / milliseconds,
+                         "copy_of_same_bytes_ms": copy_ms if name == "triton" else None,
+                         "percent_of_copy_speed": 100 * copy_ms / milliseconds if name == "triton" else None,
+                         "max_rel_error": errors[name]})
+    return {"copy_gbps": bandwidth, "runs": runs}
