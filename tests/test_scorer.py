@@ -111,6 +111,31 @@ def test_text_only_and_expected_only_methods(checkpoint):
     json.dumps(record.to_srum())
 
 
+@pytest.mark.parametrize("readout", ["instruction", "questions"])
+def test_scores_read_a_few_contexts_at_a_time_equal_those_read_all_at_once(checkpoint, readout):
+    pipeline = Pipeline.from_checkpoint(checkpoint)
+    generator = torch.Generator().manual_seed(3)
+    images = [(torch.rand(16, 24, 3, generator=generator) * 255).to(torch.uint8) for _ in range(3)]
+    prompts = ["a red square left of a blue circle", "two green triangles", "a yellow circle"]
+    method = "expected" if readout == "questions" else "both"
+    decomposer = ShapeWorldDecomposer() if readout == "questions" else None
+
+    def records(max_contexts):
+        config = ScorerConfig(method=method, readout=readout, max_new_tokens_global=3, max_new_tokens_regions=3,
+                              max_contexts=max_contexts)
+        return SelfScorer(pipeline, GridProposer(1, 2), config, decomposer=decomposer).score(
+            images, prompts, [f"{i}.png" for i in range(3)])
+
+    together, apart = records(None), records(2)
+    for whole, parts in zip(together, apart, strict=True):
+        assert whole.answers == parts.answers
+        assert parts.global_scores.expected == pytest.approx(whole.global_scores.expected, abs=1e-6)
+        for region, region_parts in zip(whole.regions, parts.regions, strict=True):
+            assert region_parts.scores.expected == pytest.approx(region.scores.expected, abs=1e-6)
+    with pytest.raises(ValueError, match="max_contexts: expected at least 1"):
+        ScorerConfig(max_contexts=0)
+
+
 def test_instructions_file_replaces_templates(tmp_path):
     from srum.reward.instructions import read_instructions
 

@@ -4,6 +4,7 @@ is on disk (else about four characters per token) and from the instructions the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ class JudgePass:
     context_tokens: int
     options: int
     new_tokens: int
+    max_contexts: int | None = None
+    """Contexts read in one pass at most (``scoring.scorer.max_contexts``); None: all at once."""
 
 
 def judge_passes(scoring: ScoringConfig, vit_tokens: int, frame: tuple[int, int], prompt_tokens: int,
@@ -50,7 +53,7 @@ def judge_passes(scoring: ScoringConfig, vit_tokens: int, frame: tuple[int, int]
 
     if scorer.readout == "questions":
         return [JudgePass("atomic questions", questions_per_image, context("Is there a red square?"), len(YES_NO),
-                          1 + max(count(answer) for answer in YES_NO))]
+                          1 + max(count(answer) for answer in YES_NO), scorer.max_contexts)]
     passes = []
     if scorer.method in ("text", "both"):
         passes += [JudgePass("global answer", 1, context(instructions.global_instruction("")), 0,
@@ -65,4 +68,4 @@ def judge_passes(scoring: ScoringConfig, vit_tokens: int, frame: tuple[int, int]
                    JudgePass("region scores", regions, context(instructions.single_region_instruction("", box, width,
                                                                                                       height)),
                              len(options), longest)]
-    return passes
+    return [dataclasses.replace(judge_pass, max_contexts=scorer.max_contexts) for judge_pass in passes]

@@ -182,6 +182,7 @@ class MemoryPlan:
         rows = []
         for judge_pass in run.judge:
             phase, contexts = f"scoring: {judge_pass.name}", images * judge_pass.contexts_per_image
+            contexts = min(contexts, judge_pass.max_contexts or contexts)  # one pass at a time
             length, new = judge_pass.context_tokens, judge_pass.new_tokens
             if judge_pass.options == 0:  # decoding: the cache grows by the answer, one token per step
                 cache = _kv_bytes(config, contexts * (length + new), dtype)

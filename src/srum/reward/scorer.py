@@ -59,8 +59,13 @@ class ScorerConfig:
     aggregate: Literal["product", "mean"] = "product"
     """How the questions' P(yes) become one (readout questions): their product (every question must hold, the
     checker's strict verdict) or their mean (partial credit)."""
+    max_contexts: int | None = None
+    """Image-and-question contexts read in one pass at most (None: all of a step's at once). Bounds the judge's
+    memory, which grows with candidates x regions (``srum plan`` shows it); the scores do not change."""
 
     def __post_init__(self) -> None:
+        if self.max_contexts is not None and self.max_contexts < 1:
+            raise ValueError(f"max_contexts: expected at least 1 (or none), got {self.max_contexts}")
         if self.method not in ("text", "expected", "both"):
             raise ValueError(f"method: expected text, expected or both, got {self.method!r}")
         if self.global_kind not in ("layout", "sample"):
@@ -127,15 +132,25 @@ class SelfScorer:
         """Probability-weighted score of each image ((3, H, W) in [-1, 1]) under its instruction."""
         if not images:
             return []
-        options = [[SCORE_PREFIX + c for c in self.candidates]] * len(images)
-        logprobs = torch.stack(self.pipeline.score(images, questions, options))  # (R, K)
+        logprobs = self._option_logprobs(images, questions, [SCORE_PREFIX + c for c in self.candidates])  # (R, K)
         return expected_scores(logprobs, self.candidate_values.to(logprobs.device)).tolist()
+
+    def _parts(self, count: int) -> list[slice]:
+        """Consecutive slices of at most ``max_contexts`` contexts: one pass each."""
+        size = self.config.max_contexts or max(count, 1)
+        return [slice(start, start + size) for start in range(0, count, size)]
+
+    def _option_logprobs(self, images: list[Tensor], questions: list[str], options: list[str]) -> Tensor:
+        """(R, K) log-probabilities of the same K options after each image's question."""
+        return torch.cat([torch.stack(self.pipeline.score(images[part], questions[part],
+                                                           [options] * len(images[part])))
+                          for part in self._parts(len(images))])
 
     def yes_probabilities(self, images: list[Tensor], questions: list[str]) -> Tensor:
         """P(yes) of each image's question, renormalised over yes and no, (N,)."""
         if not images:
             return torch.zeros(0)
-        logprobs = torch.stack(self.pipeline.score(images, questions, [list(YES_NO)] * len(images)))
+        logprobs = self._option_logprobs(images, questions, list(YES_NO))
         return torch.softmax(logprobs.float(), dim=-1)[:, 0].cpu()
 
     def decomposed(self, images: list[Tensor], prompts: list[str]) -> tuple[list[float], list[str]]:
@@ -161,7 +176,9 @@ class SelfScorer:
     def _answers(self, images: list[Tensor], questions: list[str], budget: int) -> list[str]:
         if not images:
             return []
-        return self.pipeline.answer(images, questions, DecodingConfig(max_new_tokens=budget), think=self.config.think)
+        decoding = DecodingConfig(max_new_tokens=budget)
+        return [answer for part in self._parts(len(images))
+                for answer in self.pipeline.answer(images[part], questions[part], decoding, think=self.config.think)]
 
     @torch.no_grad()
     def score(self, images: list[Tensor], prompts: list[str], image_files: list[str],
