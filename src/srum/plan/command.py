@@ -111,7 +111,7 @@ def read_run(args: list[str], world_size: int | None, preset: str | None, prompt
     passes = judge_passes(module.scoring, vit_tokens, frame, prompt_tokens, count) if module.mode == "online" else []
     run = RunShape(config=config, ranks=ranks, sharded=sharded, weight_dtype=weight_dtype,
                    compute_dtype=compute_dtype, activation_checkpointing=module.activation_checkpointing,
-                   ema=module.ema_decay is not None, reference=module._needs_reference,
+                   ema=module.ema_decay is not None, reference=module.needs_reference,
                    images_per_prompt=module.rollout.images_per_prompt, height=module.rollout.height,
                    width=module.rollout.width, prompt_tokens=prompt_tokens,
                    guidance_contexts=1 + (sampler.cfg_text_scale > 1) + (sampler.cfg_img_scale > 1),

@@ -4,7 +4,7 @@ Three kinds of numbers, each row saying which: ``exact`` (from parameter shapes 
 tensors occupy), ``counted`` (what autograd saves, counted by running srum's decoder layer on the meta device at
 the run's token counts), ``estimate`` (transient working memory of inference passes and allocator-level effects,
 from a formula: a bound to leave headroom for, not a measurement). The peak is what is always held plus the
-largest phase: the update, the rollout or the scoring pass.
+largest phase: the update, the rollout or one of the judge's passes.
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ class RunShape:
         return (self.height // factor) * (self.width // factor)
 
 
-
 @dataclass(frozen=True)
 class Row:
     part: str
@@ -73,8 +72,8 @@ class Row:
     basis: Basis
 
 
-def _numel(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def _cached_layer_bytes(config: BagelConfig, rows: int, cached: int, new: int, dtype: torch.dtype) -> int:

@@ -215,7 +215,7 @@ class SRUMModule(L.LightningModule):
         self.model = loaded.model
         self.autoencoder = loaded.autoencoder.requires_grad_(False)
         self.tokenizer, self.special = load_tokenizer(self.checkpoint)
-        if self._needs_reference:
+        if self.needs_reference:
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
         mark_trainable(self.model, self.trainable, self.lora)
         if self.device_mesh is not None:
@@ -233,7 +233,8 @@ class SRUMModule(L.LightningModule):
         self.scorer = build_judge(self.scoring, self.pipeline, self.device) if self.mode == "online" else None
 
     @property
-    def _needs_reference(self) -> bool:
+    def needs_reference(self) -> bool:
+        """A frozen reference copy is kept: the constraint pulls toward it, or the policy gradient's KL anchor."""
         pg = self.loss_config.objective == "policy_gradient" and self.loss_config.policy_gradient.kl_weight > 0
         return self.loss_config.constraint == "reference" or pg
 
