@@ -37,6 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
+from tests.official_fixture import relative_error  # noqa: E402 - the fixture's metric, max|a - e| / max|e|
 
 BF16_TOLERANCE = 3e-2
 """bfloat16 keeps 8 significant bits (a relative step of 2^-8 = 3.9e-3 per rounding); through a few layers the
@@ -50,11 +51,6 @@ PLAN_TOLERANCE = 0.15
 
 class Skipped(Exception):
     """A section that cannot run here; the message says why."""
-
-
-def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return float((actual.double() - expected).abs().max() / expected.abs().max())
 
 
 # ------------------------------------------------------------------------------------------------- attention
@@ -86,7 +82,7 @@ def attention_section(device: str) -> dict:
         tolerance = FLOAT32_ATTENTION_TOLERANCE if dtype == torch.float32 else BF16_ATTENTION_TOLERANCE
         inputs = [x.to(device, dtype) for x in (q, k, v)]
         for backend in backends:
-            error = _relative(packed_attention(*inputs, layout, backend=backend), reference)
+            error = relative_error(packed_attention(*inputs, layout, backend=backend), reference)
             run = {"dtype": str(dtype), "backend": backend, "max_rel_error": error, "tolerance": tolerance,
                    "passed": error <= tolerance}
             if device == "cuda":
@@ -117,7 +113,7 @@ def bf16_fixture_section(device: str) -> dict:
     for name, value, recorded in (("pred_velocity", out.velocity, "a.out.pred_velocity"),
                                   ("ce_logits", out.logits, "a.out.ce_logits"), ("mse", out.mse(), "a.out.mse"),
                                   ("ce", out.ce(), "a.out.ce"), ("loss", out.loss(), "a.out.loss")):
-        errors[name] = _relative(value.float().cpu(), fixture.cases[recorded])
+        errors[name] = relative_error(value.float().cpu(), fixture.cases[recorded])
     if max(errors.values()) > BF16_TOLERANCE:
         raise AssertionError(f"bf16_fixture: relative errors {errors} exceed {BF16_TOLERANCE}")
     return {"max_rel_errors": errors, "tolerance": BF16_TOLERANCE}

@@ -46,13 +46,16 @@ class ContextBatch:
             raise ValueError(f"expected one item per context ({self.batch_size}), got {len(items)}")
         return pack([[item] for item in items], self.model.config, self.special).to(self.device)
 
-    def _run(self, query: PackedBatch, latent_inputs: Tensor, causal: bool, update: bool) -> Tensor:
-        """The decoder over one query per context, placed after the cache. Returns final-normed (N, hidden)."""
+    def _run(self, query: PackedBatch, latent_inputs: Tensor, causal: bool, update: bool,
+             runs: Tensor | None = None) -> Tensor:
+        """The decoder over one query per context, placed after the cache (``runs``: see ``score_runs``).
+        Returns final-normed (N, hidden)."""
         query_lens = torch.tensor(query.layout.sample_lens, device=self.device)
         sample = torch.repeat_interleave(torch.arange(self.batch_size, device=self.device), query_lens)
         positions = query.position_ids + self.cache.positions[sample]
         embeds = self.model.embed(query, latent_inputs)
-        hidden = self.model.hidden_states(query, embeds, self.cache.attention(query_lens, causal, update), positions)
+        attend = self.cache.attention(query_lens, causal, update, runs)
+        hidden = self.model.hidden_states(query, embeds, attend, positions)
         if update:
             self.cache.advance(query_lens, torch.tensor(query.next_positions, device=self.device))
         return hidden
@@ -104,15 +107,13 @@ class ContextBatch:
         if len(runs) != self.batch_size or not all(own and all(own) for own in runs):
             raise ValueError(f"expected one or more non-empty runs for each of the {self.batch_size} contexts, got "
                              f"{[[len(run) for run in own] for own in runs]}")
-        query = self._pack([Text([token for run in own for token in run], wrap=False) for own in runs])
         lengths = [[len(run) for run in own] for own in runs]
-        query_lens = torch.tensor(query.layout.sample_lens, device=self.device)
-        sample = torch.repeat_interleave(torch.arange(self.batch_size, device=self.device), query_lens)
-        offsets = torch.cat([torch.arange(n) for own in lengths for n in own]).to(self.device)
+        query = self._pack([Text([token for run in own for token in run], wrap=False) for own in runs])
+        # every run starts at its context's next position
+        query = dataclasses.replace(query, position_ids=torch.cat(
+            [torch.arange(n) for own in lengths for n in own]).to(query.position_ids))
         run_ids = torch.cat([torch.full((n,), index) for own in lengths for index, n in enumerate(own)])
-        embeds = self.model.embed(query, query.latent_tokens)
-        attend = self.cache.attention(query_lens, causal=True, update=False, runs=run_ids.to(self.device))
-        hidden = self.model.hidden_states(query, embeds, attend, offsets + self.cache.positions[sample])
+        hidden = self._run(query, query.latent_tokens, causal=True, update=False, runs=run_ids.to(self.device))
         logits = self.model.language_model.lm_head(hidden)  # (N, vocab)
         per_context = logits.split([sum(own) for own in lengths])
         return [list(part.split(own)) for part, own in zip(per_context, lengths, strict=True)]

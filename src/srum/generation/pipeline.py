@@ -26,6 +26,7 @@ from srum.generation.text import DecodingConfig, candidate_logprobs, generate_te
 from srum.model.autoencoder import to_uint8_images
 from srum.model.bagel import Bagel
 from srum.model.checkpoint import WeightsChoice, load_checkpoint
+from srum.model.config import ViTConfig
 from srum.model.tokenizer import SpecialTokens, load_tokenizer
 
 # Think-mode system instructions (srum's wording of BAGEL's two instructions).
@@ -46,6 +47,12 @@ class GeneratedImages:
     """Per image, the think-mode plan (empty without think)."""
     trajectory: Trajectory | None = None
     """The steps taken, packed over the images (SDE sampling only)."""
+
+
+def vit_transform(vit: ViTConfig) -> tuple[int, int, int]:
+    """(patch, max_side, min_side) of the understanding transform: BAGEL's 14, 980, 224, or the encoder's own
+    image size as the bound for encoders of small images."""
+    return vit.patch_size, vit.image_size, min(224, vit.image_size)
 
 
 def vit_size(height: int, width: int, patch: int, max_side: int, min_side: int = 224,
@@ -91,10 +98,7 @@ class Pipeline:
 
     @property
     def vit_transform(self) -> tuple[int, int, int]:
-        """(patch, max_side, min_side) of the understanding transform: BAGEL's 14, 980, 224, or the encoder's
-        own image size as the bound for encoders of small images."""
-        vit = self.model.config.vit
-        return vit.patch_size, vit.image_size, min(224, vit.image_size)
+        return vit_transform(self.model.config.vit)
 
     def vit_frame(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) the model sees an image of this size at."""

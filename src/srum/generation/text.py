@@ -84,12 +84,12 @@ def candidate_logprobs(contexts: ContextBatch, candidates: list[list[list[int]]]
     one context, not 21). Returns one (K_b,) float32 tensor of summed token log-probabilities per context.
     """
     runs = [[[contexts.special.bos_token_id, *option] for option in options] for options in candidates]
-    scores = []
-    for own, logits in zip(runs, contexts.score_runs(runs), strict=True):
-        totals = []
-        for run, run_logits in zip(own, logits, strict=True):
-            logprobs = torch.log_softmax(run_logits[:-1].float(), dim=-1)
-            targets = torch.tensor(run[1:], device=logprobs.device)
-            totals.append(logprobs[torch.arange(len(targets), device=logprobs.device), targets].sum())
-        scores.append(torch.stack(totals) if totals else torch.zeros(0))
-    return scores
+    logits = contexts.score_runs(runs)
+    predicting = torch.cat([run_logits[:-1] for own in logits for run_logits in own])  # each next token's logits
+    device = predicting.device
+    targets = torch.tensor([token for own in runs for run in own for token in run[1:]], device=device)
+    owner = torch.tensor([index for index, run in enumerate(run for own in runs for run in own)
+                          for _ in run[1:]], device=device)
+    token_logprobs = torch.log_softmax(predicting.float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    totals = torch.zeros(sum(len(own) for own in runs), device=device).index_add_(0, owner, token_logprobs)
+    return list(totals.split([len(own) for own in runs]))

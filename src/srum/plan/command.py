@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from rich.console import Console
 from rich.table import Table
 
-from srum.generation.pipeline import vit_size
+from srum.generation.pipeline import vit_size, vit_transform
 from srum.model.build import build_on_meta
 from srum.model.checkpoint import read_config
 from srum.model.config import PRESETS, BagelConfig
@@ -105,9 +105,9 @@ def read_run(args: list[str], world_size: int | None, preset: str | None, prompt
     weight_dtype, compute_dtype = _dtypes(str(trainer.precision))
     sampler, rollout = module.rollout.sampler, module.rollout
     count, counted_by = _token_counter(module.checkpoint)
-    vit = config.vit
-    frame = vit_size(rollout.height, rollout.width, vit.patch_size, vit.image_size, min(224, vit.image_size))
-    vit_tokens = (frame[0] // vit.patch_size) * (frame[1] // vit.patch_size)
+    patch = config.vit.patch_size
+    frame = vit_size(rollout.height, rollout.width, *vit_transform(config.vit))
+    vit_tokens = (frame[0] // patch) * (frame[1] // patch)
     passes = judge_passes(module.scoring, vit_tokens, frame, prompt_tokens, count) if module.mode == "online" else []
     run = RunShape(config=config, ranks=ranks, sharded=sharded, weight_dtype=weight_dtype,
                    compute_dtype=compute_dtype, activation_checkpointing=module.activation_checkpointing,

@@ -130,8 +130,8 @@ class MemoryPlan:
         if not run.sharded:
             casts = sum(u.numel for u in self.units) * compute if run.compute_dtype != run.weight_dtype else 0
             return {"update": Row("weight casts (autocast)", "update", casts, "estimate")}
-        kept = sum(u.numel for u in self.units if not u.reshard_after_forward or u.name == "root") * compute
-        largest = max(u.numel for u in self.units if u.reshard_after_forward and u.name != "root")
+        kept = sum(u.numel for u in self.units if not u.reshard_after_forward) * compute
+        largest = max(u.numel for u in self.units if u.reshard_after_forward)
         phases = ["rollout", *(f"scoring: {p.name}" for p in run.judge)]
         return {"update": Row("gathered units", "update", kept + largest * (3 * compute + 4), "estimate"),
                 **{phase: Row("gathered units", phase, kept + 2 * largest * compute, "estimate") for phase in phases}}

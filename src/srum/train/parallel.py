@@ -43,7 +43,8 @@ def fsdp_units(model: Bagel) -> list[Unit]:
     # Heads and final norms as one unit, kept gathered after forward: backward needs them first.
     heads = (llm.lm_head, llm.model.norm) + ((llm.model.norm_moe_gen,) if model.config.llm.is_mot else ())
     units.append(Unit("heads", heads, reshard_after_forward=False))
-    units.append(Unit("root", (model,)))
+    # The root stays gathered after forward too (FSDP2's own default for a root): backward starts there.
+    units.append(Unit("root", (model,), reshard_after_forward=False))
     return units
 
 
