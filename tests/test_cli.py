@@ -64,5 +64,6 @@ def test_every_config_parses(path, capsys):
 
 
 CONFIG_COMMANDS = {"overfit-tiny": ["model", "overfit"], "compbench": ["fit"],
-                   "shapeworld_pretrain": ["shapeworld", "pretrain"], "eval_compbench": ["validate", "compbench"],
+                   "shapeworld_pretrain": ["shapeworld", "pretrain"],
+                   "shapeworld_pretrain_v3": ["shapeworld", "pretrain"], "eval_compbench": ["validate", "compbench"],
                    "shapes": ["fit"]}

@@ -143,6 +143,26 @@ def test_pretrain_writes_a_checkpoint_that_generates_and_judges(tmp_path):
     assert agreement * 4 == pytest.approx(round(agreement * 4))  # a share of the 4 images
 
 
+def test_pretrain_writes_the_checkpoint_in_the_asked_dtype_and_it_loads_in_float32(tmp_path):
+    from safetensors.torch import load_file
+
+    from srum.cli import main
+    from srum.model.checkpoint import load_checkpoint
+
+    main(["shapeworld", "pretrain", "--config", "configs/shapeworld_pretrain_v3.yaml", "--trainer.max_steps", "1",
+          "--model.batch_size", "2", "--model.out", str(tmp_path / "base"), "--trainer.default_root_dir",
+          str(tmp_path / "run"), "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
+          "--trainer.callbacks", "[]"])
+    written = load_file(tmp_path / "base" / "ema.safetensors")
+    assert {tensor.dtype for tensor in written.values() if tensor.is_floating_point()} == {torch.float16}
+    loaded = load_checkpoint(tmp_path / "base")
+    assert loaded.config.llm.hidden_size == 256
+    weights = dict(loaded.model.named_parameters())
+    assert all(weights[name].dtype == torch.float32 and torch.equal(weights[name], tensor.float())
+               for name, tensor in written.items() if name in weights)
+    assert sum(f.stat().st_size for f in (tmp_path / "base").iterdir()) < 25 * 2**20
+
+
 def test_generation_stops_at_generation_steps_while_understanding_trains_on(tmp_path):
     from safetensors.torch import load_file
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -78,7 +79,8 @@ class PretrainModule(L.LightningModule):
     def __init__(self, out: Path, preset: str = "shapeworld", seed: int = 0, batch_size: int = 32, lr: float = 1e-3,
                  warmup_steps: int = 100, decay_steps: int = 0, mix: TaskMix = TaskMix(),
                  text_dropout: float = 0.1, generation_steps: int | None = None,
-                 understanding_mix: TaskMix | None = None, all_pairs_from: int | None = None) -> None:
+                 understanding_mix: TaskMix | None = None, all_pairs_from: int | None = None,
+                 save_dtype: Literal["float32", "float16", "bfloat16"] = "float32") -> None:
         super().__init__()
         self.out, self.config, self.seed = Path(out), BagelConfig.from_name(preset), seed
         self.batch_size, self.lr, self.warmup_steps, self.decay_steps = batch_size, lr, warmup_steps, decay_steps
@@ -87,6 +89,7 @@ class PretrainModule(L.LightningModule):
             raise ValueError(f"model.generation_steps: expected a step >= 0 or null, got {generation_steps}")
         self.understanding_mix = replace(understanding_mix or mix, text_to_image=0.0)
         self.all_pairs_from = all_pairs_from
+        self.save_dtype = getattr(torch, save_dtype)
         self.model = build_random(self.config, seed)
         self.autoencoder = build_autoencoder(self.config.ae)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -135,4 +138,4 @@ class PretrainModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
-            save_checkpoint(self.out, self.model.float(), self.autoencoder)
+            save_checkpoint(self.out, self.model.float(), self.autoencoder, dtype=self.save_dtype)
