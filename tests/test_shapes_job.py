@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ import yaml
 from srum.cli import main
 from srum.generation.prompts import read_prompts
 from srum.model.checkpoint import CheckpointError, checkpoint_folder, load_checkpoint
+from srum.shapeworld.benchmark import BenchmarkConfig, settings_of
+from srum.shapeworld.callback import MEASURED, ShapeWorldBenchmark
 from srum.shapeworld.oracle import CheckerScorer
 from srum.shapeworld.report import check_finite, markdown_table, rows
 from srum.shapeworld.tasks import perturb
@@ -184,6 +188,33 @@ def test_oracle_arm_trains_on_checker_rewards_and_a_second_run_reuses_the_base(t
     second = _assert_report(tmp_path / "run" / "report", ["base", "srum"])
     assert second["models"]["base"] == first["models"]["base"]
     assert sorted((tmp_path / "cache").iterdir()) == sorted(cached)
+
+
+@pytest.mark.slow
+def test_a_base_summary_in_the_checkpoints_measured_folder_is_used_not_measured_again(tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(checkpoint_folder("srum:shapeworld-base"), base, ignore=shutil.ignore_patterns(MEASURED))
+    config = _shortened_config(tmp_path, scoring={"judge": "checker"}, checkpoint=str(base))
+    main(["fit", "--config", str(config)])
+    first = _assert_report(tmp_path / "run" / "report", ["base", "srum"])
+    (measured,) = (tmp_path / "cache").iterdir()
+    (base / MEASURED).mkdir()
+    measured.rename(base / MEASURED / measured.name)
+    main(["fit", "--config", str(config), "--model.seed", "1"])
+    second = _assert_report(tmp_path / "run" / "report", ["base", "srum"])
+    assert second["models"]["base"] == first["models"]["base"]
+    assert not list((tmp_path / "cache").iterdir())  # nothing measured, so nothing written
+
+
+def test_the_shipped_base_carries_the_summary_of_the_main_jobs_benchmark():
+    """A fresh clone's main job starts from this summary; it must be re-measured whenever the base's weights or
+    the main job's benchmark settings change."""
+    config = yaml.safe_load((REPO / "configs" / "shapes.yaml").read_text())
+    benchmark = BenchmarkConfig(**config["trainer"]["callbacks"][0]["init_args"]["benchmark"])
+    key = ShapeWorldBenchmark(benchmark=benchmark)._cache_key(SimpleNamespace(checkpoint="srum:shapeworld-base"))
+    summary = json.loads((checkpoint_folder("srum:shapeworld-base") / MEASURED / f"{key}.json").read_text())
+    assert summary["settings"] == json.loads(json.dumps(settings_of(benchmark)))
+    assert summary["categories"].keys() == {"binding", "spatial", "numeracy", "complex"}
 
 
 def test_summarize_gives_mean_and_spread_over_runs(tmp_path, capsys):

@@ -20,6 +20,10 @@ from srum.shapeworld.checker import score
 from srum.shapeworld.report import GRID_CELL, write_report
 from srum.shapeworld.world import parse_spec
 
+MEASURED = "measured"
+"""A checkpoint's folder of its own benchmark summaries, by cache key: the shipped base carries the summary of
+the main job's benchmark, so a first run on a fresh machine does not measure an unchanged base again."""
+
 Panel = tuple[list[torch.Tensor], list[torch.Tensor], list[str]]
 """Grid images (H, W, 3) uint8, their self-reward maps and captions."""
 
@@ -79,18 +83,19 @@ class ShapeWorldBenchmark(L.Callback):
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
     def _measure_base(self, module: Any) -> None:
-        """The base measurement, its summary from the cache when these weights were measured with these settings
-        before."""
+        """The base measurement, its summary from the cache (or from the checkpoint's own ``measured`` folder,
+        which the shipped base carries) when these weights were measured with these settings before."""
         if self.base_cache is None:
             self._measure("base", module)
             return
-        summary_path = self.base_cache / f"{self._cache_key(module)}.json"
-        if summary_path.is_file():
-            self._measure("base", module, json.loads(summary_path.read_text()))
-            return
+        name = f"{self._cache_key(module)}.json"
+        for known in (self.base_cache / name, checkpoint_folder(module.checkpoint) / MEASURED / name):
+            if known.is_file():
+                self._measure("base", module, json.loads(known.read_text()))
+                return
         self._measure("base", module)
         self.base_cache.mkdir(parents=True, exist_ok=True)
-        write_json(summary_path, self.summaries["base"])
+        write_json(self.base_cache / name, self.summaries["base"])
 
     def _write(self, trainer: L.Trainer) -> None:
         if trainer.is_global_zero:
