@@ -18,7 +18,7 @@ from srum.cli import main
 from srum.generation.prompts import read_prompts
 from srum.model.checkpoint import CheckpointError, checkpoint_folder, load_checkpoint
 from srum.shapeworld.benchmark import BenchmarkConfig, settings_of
-from srum.shapeworld.callback import MEASURED, ShapeWorldBenchmark
+from srum.shapeworld.callback import MEASURED, base_summary_name
 from srum.shapeworld.oracle import CheckerScorer
 from srum.shapeworld.report import check_finite, markdown_table, rows
 from srum.shapeworld.tasks import perturb
@@ -78,8 +78,6 @@ def test_a_run_from_the_shipped_base_exports_a_complete_folder(tmp_path):
 
 
 def test_the_benchmark_refuses_a_run_without_a_scorer():
-    from types import SimpleNamespace
-
     from srum.shapeworld.callback import ShapeWorldBenchmark
 
     offline = SimpleNamespace(scorer=None)  # what an offline SRUMModule holds
@@ -211,8 +209,8 @@ def test_the_shipped_base_carries_the_summary_of_the_main_jobs_benchmark():
     the main job's benchmark settings change."""
     config = yaml.safe_load((REPO / "configs" / "shapes.yaml").read_text())
     benchmark = BenchmarkConfig(**config["trainer"]["callbacks"][0]["init_args"]["benchmark"])
-    key = ShapeWorldBenchmark(benchmark=benchmark)._cache_key(SimpleNamespace(checkpoint="srum:shapeworld-base"))
-    summary = json.loads((checkpoint_folder("srum:shapeworld-base") / MEASURED / f"{key}.json").read_text())
+    name = base_summary_name("srum:shapeworld-base", benchmark)
+    summary = json.loads((checkpoint_folder("srum:shapeworld-base") / MEASURED / name).read_text())
     assert summary["settings"] == json.loads(json.dumps(settings_of(benchmark)))
     assert summary["categories"].keys() == {"binding", "spatial", "numeracy", "complex"}
 

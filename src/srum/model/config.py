@@ -327,24 +327,27 @@ def _shapeworld() -> BagelConfig:
     )
 
 
+def _shapeworld_wide(hidden_size: int, num_attention_heads: int) -> BagelConfig:
+    """ShapeWorld's frames with a six-layer decoder of this width (MLP three times as wide, two KV heads)."""
+    config = _shapeworld()
+    config.llm = dataclasses.replace(config.llm, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
+                                     num_hidden_layers=6, num_attention_heads=num_attention_heads,
+                                     num_key_value_heads=2)
+    return config
+
+
 def _shapeworld_v2() -> BagelConfig:
     """ShapeWorld's second base: the same frames with a wider, deeper decoder (6 M parameters), room for a
     generation expert that can still learn after its pretraining stops and an understanding expert that compares
     words with image tokens over more layers."""
-    config = _shapeworld()
-    config.llm = dataclasses.replace(config.llm, hidden_size=192, intermediate_size=576, num_hidden_layers=6,
-                                     num_attention_heads=6, num_key_value_heads=2)
-    return config
+    return _shapeworld_wide(192, 6)
 
 
 def _shapeworld_v3() -> BagelConfig:
     """ShapeWorld's third base: v2's depth at width 256 (10 M parameters). At v2's width the generation expert's
     objects were right 76 % of the time after 10,000 steps and perfect data lifted it by 8 points at most: too
     little capacity to leave post-training room above a 20 % pass rate."""
-    config = _shapeworld()
-    config.llm = dataclasses.replace(config.llm, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-                                     num_attention_heads=8, num_key_value_heads=2)
-    return config
+    return _shapeworld_wide(256, 8)
 
 
 PRESETS = {"bagel-7b-mot": _bagel_7b_mot, "tiny": _tiny, "shapeworld": _shapeworld, "shapeworld-v2": _shapeworld_v2,

@@ -24,6 +24,16 @@ MEASURED = "measured"
 """A checkpoint's folder of its own benchmark summaries, by cache key: the shipped base carries the summary of
 the main job's benchmark, so a first run on a fresh machine does not measure an unchanged base again."""
 
+
+def base_summary_name(checkpoint: str | Path, benchmark: BenchmarkConfig) -> str:
+    """The file name a base summary is kept under: it depends on the weights and the benchmark settings only (not
+    on the run's judge or reward rule, which only the grid panel shows, and that is drawn anew)."""
+    with weights_file(checkpoint_folder(checkpoint), "auto").open("rb") as weights:
+        digest = hashlib.file_digest(weights, "sha256").hexdigest()
+    identity = {"weights": digest, "settings": settings_of(benchmark), "summary": SUMMARY_VERSION}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20] + ".json"
+
+
 Panel = tuple[list[torch.Tensor], list[torch.Tensor], list[str]]
 """Grid images (H, W, 3) uint8, their self-reward maps and captions."""
 
@@ -74,21 +84,13 @@ class ShapeWorldBenchmark(L.Callback):
                               for image, text, record in zip(images, texts, records, strict=True)])
         module.model.train(training)
 
-    def _cache_key(self, module: Any) -> str:
-        """The base summary depends on the weights and the benchmark settings only (not on the run's judge or
-        reward rule, which only the grid panel shows, and that is drawn anew)."""
-        with weights_file(checkpoint_folder(module.checkpoint), "auto").open("rb") as weights:
-            digest = hashlib.file_digest(weights, "sha256").hexdigest()
-        identity = {"weights": digest, "settings": settings_of(self.benchmark), "summary": SUMMARY_VERSION}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
-
     def _measure_base(self, module: Any) -> None:
         """The base measurement, its summary from the cache (or from the checkpoint's own ``measured`` folder,
         which the shipped base carries) when these weights were measured with these settings before."""
         if self.base_cache is None:
             self._measure("base", module)
             return
-        name = f"{self._cache_key(module)}.json"
+        name = base_summary_name(module.checkpoint, self.benchmark)
         for known in (self.base_cache / name, checkpoint_folder(module.checkpoint) / MEASURED / name):
             if known.is_file():
                 self._measure("base", module, json.loads(known.read_text()))
